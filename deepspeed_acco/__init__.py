@@ -1,0 +1,44 @@
+"""deepspeed-acco: ACCO (Accumulate While You Communicate, arXiv 2406.02613) for DeepSpeed ZeRO-1.
+
+Turn it on with a top-level ``"acco": {"enabled": true}`` block next to ``"zero_optimization":
+{"stage": 1}``, then either call ``deepspeed_acco.initialize(...)`` instead of
+``deepspeed.initialize(...)``, or call ``deepspeed_acco.install()`` once so that plain
+``deepspeed.initialize`` (HF Trainer, accelerate) honours the block. Importing this package
+patches nothing.
+"""
+
+from deepspeed_acco.config import AccoConfig, AccoConfigError, get_acco_config
+from deepspeed_acco.integration import (
+    AccoEngine,
+    disable_cpu_shm_build,
+    flush,
+    initialize,
+    install,
+    is_installed,
+    pop_metrics,
+    uninstall,
+)
+from deepspeed_acco.metrics import StepMetrics
+from deepspeed_acco.optimizer import AccoZeroOptimizer
+from deepspeed_acco.pipeline import AccoRoundError, AccoRoundTimeout
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AccoConfig",
+    "AccoConfigError",
+    "AccoEngine",
+    "AccoRoundError",
+    "AccoRoundTimeout",
+    "AccoZeroOptimizer",
+    "StepMetrics",
+    "__version__",
+    "disable_cpu_shm_build",
+    "flush",
+    "get_acco_config",
+    "initialize",
+    "install",
+    "is_installed",
+    "pop_metrics",
+    "uninstall",
+]

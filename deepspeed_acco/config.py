@@ -1,0 +1,182 @@
+"""The ``"acco"`` block of a DeepSpeed JSON config, and the checks that refuse what cannot work.
+
+The block sits at the top level of the DeepSpeed config, next to an unchanged ZeRO-1 config::
+
+    {"zero_optimization": {"stage": 1}, "acco": {"enabled": true}}
+
+DeepSpeed keeps unknown top-level keys, so the block survives ``deepspeed.initialize`` and the
+HF Trainer untouched. ``AccoConfig`` validates the block itself (unknown keys, types, bounds);
+``check_deepspeed_config`` validates its combination with the rest of the DeepSpeed config.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from deepspeed.runtime.config_utils import DeepSpeedConfigModel
+from pydantic import Field, ValidationError, model_validator
+
+__all__ = [
+    "ACCO_KEY",
+    "AccoConfig",
+    "AccoConfigError",
+    "ONEBIT_OPTIMIZERS",
+    "TESTED_OPTIMIZERS",
+    "get_acco_config",
+    "check_deepspeed_config",
+]
+
+ACCO_KEY = "acco"
+
+# DeepSpeed optimizer names (lower-cased "optimizer.type") whose state is plain per-tensor
+# tensors and scalars, so that an estimate round can be rolled back by copying them.
+TESTED_OPTIMIZERS = frozenset({"adam", "adamw", "sgd", "adagrad", "lamb", "lion"})
+# Optimizer classes (by name) that a client may pass to ``initialize(optimizer=...)``.
+TESTED_OPTIMIZER_CLASSES = frozenset({"Adam", "AdamW", "SGD", "Adagrad", "FusedAdam", "FusedLamb", "FusedLion",
+                                      "DeepSpeedCPUAdam"})
+ONEBIT_OPTIMIZERS = frozenset({"onebitadam", "zerooneadam", "onebitlamb"})
+
+
+class AccoConfigError(ValueError):
+    """A DeepSpeed config that ACCO cannot run. The message names the key and the fix."""
+
+
+class AccoConfig(DeepSpeedConfigModel):
+    """The ``"acco"`` block. Unknown keys are refused, so a typo fails at ``initialize``."""
+
+    enabled: bool = False
+    """Turn ACCO on. When false, the engine is exactly DeepSpeed's own ZeRO-1."""
+
+    mode: Literal["acco", "dpu"] = "acco"
+    """``"acco"``: an estimate round then a commit round per optimizer step, each over
+    ``gradient_accumulation_steps / 2`` micro-batches, so no gradient is stale.
+    ``"dpu"``: delayed parameter update, one round per step over ``gradient_accumulation_steps``
+    micro-batches, gradients one step stale (the baseline of the ACCO paper)."""
+
+    adaptive_accumulation: bool = False
+    """After the minimum number of micro-batches of a round, keep accumulating micro-batches
+    until the round in flight has finished, instead of waiting for it. Fast ranks then contribute
+    more micro-batches than slow ones; every micro-batch weighs the same. Mode ``"acco"`` only."""
+
+    max_micro_batches_per_round: int | None = Field(None, ge=1)
+    """With ``adaptive_accumulation``: the most micro-batches one rank accumulates in one round;
+    past it the rank waits for the round in flight. Default: 4 x the minimum
+    (``gradient_accumulation_steps / 2``). Must be at least the minimum."""
+
+    grad_accum_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Dtype of the flat buffers that accumulate micro-batch gradients. fp32 by default: long
+    adaptive accumulations drift in bf16."""
+
+    round_timeout_s: float = Field(600.0, gt=0)
+    """Seconds a round may take before the training thread raises instead of waiting (a dead or
+    stalled peer). Also the timeout of ACCO's own process group."""
+
+    allow_untested_optimizer: bool = False
+    """ACCO rolls back an estimate step by copying the optimizer's per-parameter state. That is
+    checked for DeepSpeed's Adam/AdamW/SGD/Adagrad/Lamb/Lion and torch's Adam/AdamW/SGD/Adagrad.
+    Set this to run another optimizer, after checking that its whole state lives in
+    ``optimizer.state`` and ``param_groups``."""
+
+    @model_validator(mode="after")
+    def _adaptive_needs_acco_mode(self) -> AccoConfig:
+        if self.adaptive_accumulation and self.mode != "acco":
+            raise ValueError("acco.adaptive_accumulation=true is only implemented for acco.mode='acco'; "
+                             "set acco.mode to 'acco' or acco.adaptive_accumulation to false")
+        return self
+
+
+def get_acco_config(param_dict: dict[str, Any]) -> AccoConfig:
+    """Parse the ``"acco"`` block of a DeepSpeed config dict (missing block: disabled).
+
+    Raises:
+        AccoConfigError: the block is not a JSON object, or a key is unknown, mistyped or out of range.
+    """
+    block = param_dict.get(ACCO_KEY, {})
+    if block is None:
+        block = {}
+    if not isinstance(block, dict):
+        raise AccoConfigError(f"'acco' must be a JSON object such as {{\"enabled\": true}}, got {block!r}")
+    try:
+        return AccoConfig(**block)
+    except ValidationError as err:
+        problems = "; ".join(f"acco.{'.'.join(str(p) for p in e['loc']) or '<block>'}: {e['msg']}"
+                             f" (got {e.get('input')!r})" for e in err.errors())
+        raise AccoConfigError(f"invalid 'acco' block: {problems}. Valid keys: "
+                              f"{', '.join(AccoConfig.model_fields)}") from None
+
+
+def _offload_device(zero: Any, name: str) -> str:
+    offload = getattr(zero, name, None)
+    device = getattr(offload, "device", None) if offload is not None else None
+    return str(getattr(device, "value", device) or "none")
+
+
+def check_deepspeed_config(ds_config: Any, acco: AccoConfig, *, client_optimizer: Any = None) -> None:
+    """Refuse DeepSpeed settings that ACCO cannot honour. Called at ``initialize``.
+
+    Args:
+        ds_config: the engine's parsed ``DeepSpeedConfig``.
+        acco: the parsed ``"acco"`` block (enabled).
+        client_optimizer: the ``optimizer=`` argument of ``initialize``, if any.
+
+    Raises:
+        AccoConfigError: naming the offending key and the fix.
+    """
+    zero = ds_config.zero_config
+    stage = int(getattr(zero, "stage", 0))
+    if not ds_config.zero_enabled or stage != 1:
+        raise AccoConfigError(f"acco.enabled=true needs ZeRO stage 1, got zero_optimization.stage={stage}; "
+                              "set \"zero_optimization\": {\"stage\": 1} or acco.enabled to false")
+    for name in ("offload_optimizer", "offload_param"):
+        if _offload_device(zero, name) != "none":
+            raise AccoConfigError(f"acco.enabled=true does not support zero_optimization.{name} "
+                                  f"(device={_offload_device(zero, name)}); remove zero_optimization.{name}")
+    if getattr(zero, "zenflow", None) is not None:
+        raise AccoConfigError("acco.enabled=true cannot be combined with zero_optimization.zenflow; remove one")
+    ga = int(ds_config.gradient_accumulation_steps)
+    if acco.mode == "acco" and ga % 2:
+        raise AccoConfigError(f"acco.mode='acco' runs two rounds of gradient_accumulation_steps/2 micro-batches "
+                              f"per optimizer step, so gradient_accumulation_steps must be even, got {ga}; "
+                              f"use {ga * 2 if ga == 1 else ga + 1} (or acco.mode='dpu')")
+    minimum = ga // 2 if acco.mode == "acco" else ga
+    cap = acco.max_micro_batches_per_round
+    if cap is not None and cap < minimum:
+        raise AccoConfigError(f"acco.max_micro_batches_per_round={cap} is below the {minimum} micro-batches "
+                              f"every round needs (gradient_accumulation_steps={ga}); raise it to >= {minimum}")
+    opt_name = (ds_config.optimizer_name or "").lower()
+    if opt_name in ONEBIT_OPTIMIZERS:
+        raise AccoConfigError(f"optimizer.type={ds_config.optimizer_name!r} compresses its own communication and "
+                              "cannot run inside ACCO's rounds; use \"Adam\" or \"AdamW\"")
+    if not acco.allow_untested_optimizer:
+        if client_optimizer is not None:
+            cls_name = type(client_optimizer).__name__
+            if not callable(client_optimizer) or hasattr(client_optimizer, "param_groups"):
+                if cls_name not in TESTED_OPTIMIZER_CLASSES:
+                    raise AccoConfigError(
+                        f"optimizer {cls_name} is not known to roll back exactly after an estimate round; "
+                        "use Adam/AdamW/SGD, or set acco.allow_untested_optimizer=true once you have checked "
+                        "that its whole state lives in optimizer.state")
+        elif opt_name and opt_name not in TESTED_OPTIMIZERS:
+            raise AccoConfigError(
+                f"optimizer.type={ds_config.optimizer_name!r} is not known to roll back exactly after an "
+                "estimate round; use Adam/AdamW/SGD, or set acco.allow_untested_optimizer=true")
+    raw = getattr(ds_config, "_param_dict", {}) or {}
+    if raw.get("hybrid_engine", {}).get("enabled", False):
+        raise AccoConfigError("acco.enabled=true does not support hybrid_engine; set hybrid_engine.enabled=false")
+    if raw.get("data_types", {}).get("grad_accum_dtype") is not None:
+        raise AccoConfigError("data_types.grad_accum_dtype is replaced by acco.grad_accum_dtype when ACCO is on "
+                              "(ACCO accumulates into its own flat buffers); move the setting to the acco block")
+    if raw.get("sparse_gradients", False):
+        raise AccoConfigError("acco.enabled=true does not support sparse_gradients; set sparse_gradients=false")
+    if raw.get("prescale_gradients", False):
+        raise AccoConfigError("acco.enabled=true divides gradients by the global micro-batch count itself; "
+                              "set prescale_gradients=false")
+    if raw.get("amp", {}).get("enabled", False):
+        raise AccoConfigError("acco.enabled=true does not support amp; use \"bf16\" or \"fp16\" instead")
+    if raw.get("torch_autocast", {}).get("enabled", False):
+        raise AccoConfigError("acco.enabled=true does not support torch_autocast; use \"bf16\" or \"fp16\"")
+    if not getattr(ds_config, "managed_gradient_accumulation", True):
+        raise AccoConfigError("acco.enabled=true decides the accumulation boundaries itself; "
+                              "remove managed_gradient_accumulation=false")
+    if raw.get("compile", {}).get("deepcompile", False):
+        raise AccoConfigError("acco.enabled=true does not support compile.deepcompile; set it to false")

@@ -1,0 +1,241 @@
+"""The only module that touches DeepSpeed internals: ``initialize``, ``install``, the engine subclass.
+
+DeepSpeed 0.19 has no registry for a custom ZeRO optimizer. ``initialize`` therefore builds the
+engine with ``AccoEngine`` (``deepspeed.initialize`` looks ``DeepSpeedEngine`` up in its module at
+call time), and ``AccoEngine._configure_zero_optimizer`` swaps the ZeRO-1 class the engine
+module names for ``AccoZeroOptimizer`` for the duration of that call. Both swaps are undone before
+``initialize`` returns. ``install()`` replaces ``deepspeed.initialize`` by ``initialize`` so that
+code calling DeepSpeed itself (HF Trainer, accelerate) picks ACCO up from the JSON block.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import json
+import os
+import threading
+import weakref
+from collections.abc import Iterator
+from typing import Any
+
+import deepspeed
+import deepspeed.runtime.engine as ds_engine_module
+from deepspeed.runtime.engine import DeepSpeedEngine
+from deepspeed.runtime.pipe.module import PipelineModule
+from deepspeed.utils import logger
+
+from deepspeed_acco.config import AccoConfig, AccoConfigError, check_deepspeed_config, get_acco_config
+from deepspeed_acco.metrics import StepMetrics
+from deepspeed_acco.optimizer import AccoZeroOptimizer
+
+__all__ = ["AccoEngine", "initialize", "install", "uninstall", "is_installed", "flush", "pop_metrics",
+           "disable_cpu_shm_build", "SUPPORTED_DEEPSPEED"]
+
+SUPPORTED_DEEPSPEED = ((0, 19), (0, 20))
+"""DeepSpeed versions (major, minor) whose internals this module was written against, [low, high)."""
+
+_original_initialize = deepspeed.initialize
+_install_lock = threading.Lock()
+_live_optimizers: weakref.WeakSet[AccoZeroOptimizer] = weakref.WeakSet()
+
+
+def _check_version() -> None:
+    parts = tuple(int(x) for x in deepspeed.__version__.split(".")[:2] if x.isdigit())
+    low, high = SUPPORTED_DEEPSPEED
+    if not (low <= parts < high):
+        raise RuntimeError(f"deepspeed_acco supports deepspeed >={'.'.join(map(str, low))},<"
+                           f"{'.'.join(map(str, high))}; found {deepspeed.__version__}. Install a supported version.")
+
+
+class AccoEngine(DeepSpeedEngine):
+    """A ``DeepSpeedEngine`` whose ZeRO-1 optimizer runs ACCO and whose boundaries ACCO decides.
+
+    ``global_steps`` counts committed optimizer steps and the LR scheduler steps once per commit,
+    because the engine's accumulation boundary is the micro-batch that launches a commit round.
+    """
+
+    _acco: AccoConfig
+
+    def _do_sanity_check(self) -> None:
+        super()._do_sanity_check()
+        self._acco = get_acco_config(self._config._param_dict)
+        check_deepspeed_config(self._config, self._acco, client_optimizer=self.client_optimizer)
+        if self.mpu is not None:
+            raise AccoConfigError("acco.enabled=true does not support model parallelism (an mpu was passed); "
+                                  "drop mpu or set acco.enabled to false")
+
+    def _configure_zero_optimizer(self, optimizer: Any) -> Any:
+        acco = self._acco
+        factory = functools.partial(AccoZeroOptimizer, acco_config=acco)
+        with _swapped(ds_engine_module, "DeepSpeedZeroOptimizer", factory):
+            built = super()._configure_zero_optimizer(optimizer)
+        if not isinstance(built, AccoZeroOptimizer):
+            raise RuntimeError(f"ACCO expected DeepSpeed to build AccoZeroOptimizer, got {type(built).__name__}; "
+                               "this DeepSpeed version is not supported")
+        _live_optimizers.add(built)
+        return built
+
+    def _acco_finish_init(self) -> None:
+        # DeepSpeed's throughput timer synchronizes the whole device on every micro-batch, which
+        # would wait for the background round's stream and serialize it behind compute.
+        timer_config = getattr(self.tput_timer, "config", None)
+        if timer_config is not None and getattr(timer_config, "synchronized", False):
+            timer_config.synchronized = False
+            logger.info("ACCO: timers.throughput.synchronized set to false (a device-wide synchronize per "
+                        "micro-batch would serialize the background round)")
+
+    @property
+    def acco_optimizer(self) -> AccoZeroOptimizer:
+        """The engine's ACCO optimizer."""
+        assert isinstance(self.optimizer, AccoZeroOptimizer), "an AccoEngine always has an AccoZeroOptimizer"
+        return self.optimizer
+
+    def is_gradient_accumulation_boundary(self) -> bool:
+        """True while the micro-batch that launches a commit round is being stepped."""
+        if not isinstance(getattr(self, "optimizer", None), AccoZeroOptimizer):
+            return super().is_gradient_accumulation_boundary()
+        return self.acco_optimizer.commit_pending or getattr(self, "_acco_stepping_commit", False)
+
+    def backward(self, loss: Any, retain_graph: bool = False, scale_wrt_gas: bool = True) -> Any:
+        """DeepSpeed's backward; ACCO needs the loss divided by gradient_accumulation_steps."""
+        if not scale_wrt_gas:
+            raise ValueError("engine.backward(scale_wrt_gas=False) is not supported with ACCO: the rounds divide "
+                             "gradients by the global micro-batch count themselves")
+        return super().backward(loss, retain_graph=retain_graph)
+
+    def step(self, lr_kwargs: Any = None) -> None:
+        """DeepSpeed's step; at a commit boundary it also sends ACCO's figures to the monitor."""
+        commit = self.acco_optimizer.commit_pending
+        self._acco_stepping_commit = commit
+        try:
+            super().step(lr_kwargs)
+        finally:
+            self._acco_stepping_commit = False
+        if commit and self.monitor.enabled and self.global_rank == 0:
+            events = [(name, value, record.step) for record in self.acco_optimizer.metrics.history[-1:]
+                      for name, value in record.monitor_events()]
+            if events:
+                self.monitor.write_events(events)
+
+    def save_checkpoint(self, save_dir: str, tag: Any = None, **kwargs: Any) -> Any:
+        """Drain the pipeline (committed parameters), then DeepSpeed's save."""
+        self.acco_optimizer.flush()
+        return super().save_checkpoint(save_dir, tag=tag, **kwargs)
+
+
+@contextlib.contextmanager
+def _swapped(module: Any, name: str, value: Any) -> Iterator[None]:
+    old = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield
+    finally:
+        setattr(module, name, old)
+
+
+def _resolve_config(args: Any, config: Any, config_params: Any) -> dict[str, Any] | None:
+    """The config dict ``deepspeed.initialize`` would read (dict, JSON path, or args.deepspeed_config)."""
+    source = config if config is not None else config_params
+    if source is None and args is not None:
+        source = getattr(args, "deepspeed_config", None)
+    if isinstance(source, (str, os.PathLike)):
+        with open(source) as fh:
+            return json.load(fh)
+    return source if isinstance(source, dict) else None
+
+
+def initialize(*args: Any, **kwargs: Any) -> tuple[Any, Any, Any, Any]:
+    """Drop-in for ``deepspeed.initialize``: same arguments, same 4-tuple.
+
+    With ``"acco": {"enabled": true}`` in the config, the engine is an ``AccoEngine``; otherwise
+    this is exactly ``deepspeed.initialize``.
+
+    Raises:
+        AccoConfigError: the ``acco`` block or its combination with the DeepSpeed config is invalid.
+        RuntimeError: the installed DeepSpeed version is not supported.
+    """
+    bound = _bind_initialize(args, kwargs)
+    cfg = _resolve_config(bound.get("args"), bound.get("config"), bound.get("config_params"))
+    acco = get_acco_config(cfg or {})
+    if not acco.enabled:
+        return _original_initialize(*args, **kwargs)
+    _check_version()
+    if isinstance(bound.get("model"), PipelineModule):
+        raise AccoConfigError("acco.enabled=true does not support pipeline parallelism (model is a "
+                              "PipelineModule); use a plain nn.Module or set acco.enabled to false")
+    if cfg is not None and cfg.get("hybrid_engine", {}).get("enabled", False):
+        raise AccoConfigError("acco.enabled=true does not support hybrid_engine; set hybrid_engine.enabled=false")
+    with _swapped(deepspeed, "DeepSpeedEngine", AccoEngine):
+        result = _original_initialize(*args, **kwargs)
+    result[0]._acco_finish_init()
+    return result
+
+
+def _bind_initialize(args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    import inspect
+
+    return dict(inspect.signature(_original_initialize).bind_partial(*args, **kwargs).arguments)
+
+
+def install() -> None:
+    """Make plain ``deepspeed.initialize`` honour the ``acco`` block (idempotent, see ``uninstall``).
+
+    Raises:
+        RuntimeError: the installed DeepSpeed version is not supported.
+    """
+    _check_version()
+    with _install_lock:
+        deepspeed.initialize = initialize
+
+
+def uninstall() -> None:
+    """Restore DeepSpeed's own ``deepspeed.initialize`` (idempotent). Engines already built keep ACCO."""
+    with _install_lock:
+        deepspeed.initialize = _original_initialize
+
+
+def is_installed() -> bool:
+    """Whether ``deepspeed.initialize`` is ACCO's."""
+    return deepspeed.initialize is initialize
+
+
+def _acco_optimizer_of(engine: Any) -> AccoZeroOptimizer | None:
+    optimizer = getattr(engine, "optimizer", engine)
+    return optimizer if isinstance(optimizer, AccoZeroOptimizer) else None
+
+
+def flush(engine: Any) -> None:
+    """Wait for the round in flight and load the last committed parameters into ``engine.module``.
+
+    Call it at the end of training and before evaluating. Training may go on afterwards: the
+    pipeline restarts from the committed parameters. A no-op for an engine without ACCO.
+
+    Raises:
+        AccoRoundError: the round in flight failed or timed out.
+    """
+    optimizer = _acco_optimizer_of(engine)
+    if optimizer is not None:
+        optimizer.flush()
+
+
+def pop_metrics(engine: Any) -> list[StepMetrics]:
+    """ACCO's records of the steps committed since the last call (empty without ACCO)."""
+    optimizer = _acco_optimizer_of(engine)
+    return optimizer.pop_metrics() if optimizer is not None else []
+
+
+def disable_cpu_shm_build() -> None:
+    """Skip the JIT build of DeepSpeed's CPU shared-memory all-reduce op (inference only).
+
+    Call before ``deepspeed.init_distributed``; saves a ~30 s compile on a fresh CPU machine.
+    """
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+@atexit.register
+def _shutdown_workers() -> None:
+    for optimizer in list(_live_optimizers):
+        optimizer._worker.shutdown(timeout_s=2.0)
+

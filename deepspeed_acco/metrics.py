@@ -1,0 +1,85 @@
+"""Per-committed-step ACCO figures: compute time, round times, exposed wait, counts, bytes."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["StepMetrics", "MetricsLog"]
+
+
+@dataclass
+class StepMetrics:
+    """The figures of one committed optimizer step, on this rank.
+
+    ``exposed_wait_s`` is the time the training thread spent blocked on this step's rounds (the
+    communication that was not hidden); ``compute_s`` the training thread's time between the
+    boundaries of this step, waits excluded.
+    """
+
+    step: int
+    """Committed step number, 1-based (``engine.global_steps`` once this step is committed)."""
+    compute_s: float = 0.0
+    estimate_round_s: float | None = None
+    commit_round_s: float = 0.0
+    exposed_wait_s: float = 0.0
+    micro_batches_per_rank: list[int] = field(default_factory=list)
+    """Micro-batches each rank contributed to this step (both rounds in acco mode)."""
+    bytes_communicated: int = 0
+    """Bytes this rank sent for this step's rounds, counted as a ring reduce-scatter plus a ring
+    all-gather of the flat buffers (plus the small count/norm all-reduce)."""
+    overflow: bool = False
+    """A non-finite gradient skipped the commit on every rank."""
+    grad_norm: float = 0.0
+    round_phases_s: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def micro_batches(self) -> int:
+        """Micro-batches of all ranks in this step."""
+        return sum(self.micro_batches_per_rank)
+
+    def as_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict."""
+        out = asdict(self)
+        out["micro_batches"] = self.micro_batches
+        return out
+
+    def monitor_events(self) -> list[tuple[str, float]]:
+        """(name, value) pairs for DeepSpeed's monitor."""
+        events = [("Train/ACCO/compute_s", self.compute_s), ("Train/ACCO/commit_round_s", self.commit_round_s),
+                  ("Train/ACCO/exposed_wait_s", self.exposed_wait_s),
+                  ("Train/ACCO/micro_batches", float(self.micro_batches)),
+                  ("Train/ACCO/bytes_communicated", float(self.bytes_communicated))]
+        if self.estimate_round_s is not None:
+            events.append(("Train/ACCO/estimate_round_s", self.estimate_round_s))
+        return events
+
+
+class MetricsLog:
+    """Steps in progress (keyed by step index) and the finished ones not yet read."""
+
+    def __init__(self) -> None:
+        self._open: dict[int, StepMetrics] = {}
+        self._done: list[StepMetrics] = []
+        self.history: list[StepMetrics] = []
+
+    def open(self, step: int) -> StepMetrics:
+        """The record of a step in progress (0-based index), created on first use."""
+        if step not in self._open:
+            self._open[step] = StepMetrics(step=step + 1)
+        return self._open[step]
+
+    def close(self, step: int) -> None:
+        """Mark a step committed: its record becomes readable."""
+        record = self._open.pop(step)
+        self._done.append(record)
+        self.history.append(record)
+
+    def discard_open(self) -> None:
+        """Drop records of steps that will not commit (after a flush restarts the pipeline)."""
+        self._open.clear()
+
+    def pop(self) -> list[StepMetrics]:
+        """The committed steps finished since the last call."""
+        done, self._done = self._done, []
+        return done

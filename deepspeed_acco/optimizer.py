@@ -1,0 +1,263 @@
+"""``AccoZeroOptimizer``: DeepSpeed's ZeRO-1 optimizer with ACCO's schedule.
+
+It keeps ZeRO-1's flattening and partitioning (flat bit16 groups that the model's parameters
+view, an fp32 master shard per group whose optimizer state exists only on this rank) and
+replaces the synchronous boundary (reduce, step, all-gather) by rounds run in the background
+(see ``pipeline.py``). This module holds only the schedule: accumulate, decide a boundary, hand
+the buffer to the worker, swap parameters. It issues no collective itself.
+
+Boundaries (counted in micro-batches on this rank, ``k = gradient_accumulation_steps / 2``):
+
+- mode ``acco``: every k micro-batches; odd boundaries launch an estimate round, even ones a
+  commit round. A commit boundary is the engine's accumulation boundary: ``engine.step()``
+  launches it, steps the LR scheduler and counts ``global_steps``.
+- mode ``dpu``: every ``gradient_accumulation_steps`` micro-batches, each a commit.
+- ``adaptive_accumulation``: a boundary comes after at least k micro-batches, as soon as the round
+  in flight has finished (or at ``max_micro_batches_per_round``).
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+from deepspeed import comm as dist
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+from deepspeed.utils import logger
+
+from deepspeed_acco.config import AccoConfig
+from deepspeed_acco.metrics import MetricsLog, StepMetrics
+from deepspeed_acco.pipeline import AccoCommWorker, RoundHandle, RoundKind, RoundResult, RoundSpec, ShardedRound
+
+__all__ = ["AccoZeroOptimizer"]
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+_HYPERPARAM_SKIP = ("params",)
+
+
+class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
+    """ZeRO-1 with ACCO's overlapped accumulate-while-communicate pipeline.
+
+    Built by the engine exactly like ``DeepSpeedZeroOptimizer`` (same arguments), plus the
+    parsed ``"acco"`` block. Use it through ``deepspeed_acco.initialize`` or ``install()``.
+    """
+
+    def __init__(self, *args: Any, acco_config: AccoConfig, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        assert not self.partition_gradients, "AccoZeroOptimizer is ZeRO stage 1 only"
+        self.acco_config = acco_config
+        ga = int(kwargs.get("gradient_accumulation_steps", 1))
+        self._mode = acco_config.mode
+        self._min_micro = ga // 2 if self._mode == "acco" else ga
+        self._max_micro = acco_config.max_micro_batches_per_round or 4 * self._min_micro
+        self._adaptive = acco_config.adaptive_accumulation
+        self._timeout_s = acco_config.round_timeout_s
+
+        group = self.dp_process_group
+        ranks = dist.get_all_ranks_from_group(group)
+        # ACCO's own group: the worker's collectives never interleave with the engine's.
+        # torch.distributed directly, because deepspeed.comm.new_group takes no timeout.
+        self._acco_group = torch_dist.new_group(ranks=ranks, timeout=timedelta(seconds=self._timeout_s))
+        self._world = len(ranks)
+        self._rank = dist.get_rank(group=group)
+
+        acc_dtype = _DTYPES[acco_config.grad_accum_dtype]
+        flats = self.bit16_groups_flat
+        self._buffers = [[torch.zeros(f.numel(), dtype=acc_dtype, device=f.device) for f in flats] for _ in range(2)]
+        self._compute_buffer = 0
+        self._offsets = [self._param_offsets(i) for i in range(len(flats))]
+        shadows = [f.detach().clone() for f in flats]
+
+        on_cuda = flats[0].is_cuda
+        self._stream = torch.cuda.Stream(device=flats[0].device) if on_cuda else None
+        self._round = ShardedRound(
+            base_optimizer=self.optimizer, master_shards=list(self.single_partition_of_fp32_groups),
+            shadow_flats=shadows, group=self._acco_group, rank=self._rank, world_size=self._world,
+            comm_dtype=self.communication_data_type, grad_divisor=float(ga), clip_grad=float(self.clip_grad),
+            stream=self._stream)
+        self._shadows = shadows
+        self._worker = AccoCommWorker(self._round.run)
+
+        self.metrics = MetricsLog()
+        self._in_flight: RoundHandle | None = None
+        self._micro = 0
+        self._next_kind = RoundKind.ESTIMATE if self._mode == "acco" else RoundKind.COMMIT
+        self._round_index = 0
+        self._step = 0  # committed steps launched
+        self._commit_pending = False
+        self._half_start = time.perf_counter()
+        self._half_compute: dict[int, float] = {}
+        self.overflow = False
+
+    # ------------------------------------------------------------------ gradients
+    def _param_offsets(self, i: int) -> dict[int, int]:
+        """Element offset of each parameter (by id) inside its group's flat buffer (params are views)."""
+        flat = self.bit16_groups_flat[i]
+        return {id(p): (p.data_ptr() - flat.data_ptr()) // flat.element_size() for p in self.bit16_groups[i]}
+
+    def process_gradients(self, param: torch.nn.Parameter, i: int) -> None:
+        """Hook target: add ``param.grad`` into the compute-side flat buffer and free it."""
+        if param.grad is None:
+            return
+        start = self._offsets[i][id(param)]
+        buf = self._buffers[self._compute_buffer][i]
+        buf.narrow(0, start, param.numel()).add_(param.grad.detach().reshape(-1))
+        param.grad = None
+
+    def reduce_gradients(self, pipeline_parallel: bool = False) -> None:
+        """No-op: gradients are reduced by the background rounds."""
+
+    def overlapping_partition_gradients_reduce_epilogue(self) -> None:
+        """No-op: gradients are reduced by the background rounds."""
+
+    def independent_gradient_partition_epilogue(self) -> None:
+        """No-op: gradients are reduced by the background rounds."""
+
+    def backward_epilogue(self, *args: Any, **kwargs: Any) -> None:
+        """End of one micro-batch's backward: count it, and launch an estimate round if one is due."""
+        if self._commit_pending:
+            raise RuntimeError(
+                "ACCO: a micro-batch's backward ran while a commit boundary was pending. Call engine.step() "
+                "after every engine.backward() (with a Trainer/accelerate, keep the DeepSpeed "
+                "gradient_accumulation_steps equal to the Trainer's).")
+        self._micro += 1
+        if not self._boundary_reached():
+            return
+        if self._next_kind is RoundKind.ESTIMATE:
+            self._launch_boundary()
+        else:
+            self._commit_pending = True
+
+    def _boundary_reached(self) -> bool:
+        if self._micro < self._min_micro:
+            return False
+        if not self._adaptive or self._in_flight is None or self._micro >= self._max_micro:
+            return True
+        return self._in_flight.done()
+
+    @property
+    def commit_pending(self) -> bool:
+        """True after the micro-batch that ends a step: the next ``engine.step()`` commits."""
+        return self._commit_pending
+
+    # ------------------------------------------------------------------ boundaries
+    def step(self, closure: Any = None) -> None:
+        """The engine's accumulation boundary: launch the commit round of this step."""
+        if not self._commit_pending:
+            raise RuntimeError("ACCO: optimizer.step() was called before the step's micro-batches were "
+                               "accumulated; let engine.step() decide the boundary")
+        self._commit_pending = False
+        self._launch_boundary()
+        self.overflow = False  # decided by the round; the LR scheduler steps once per commit
+        if self.metrics.history:
+            self._global_grad_norm = self.metrics.history[-1].grad_norm
+
+    def _launch_boundary(self) -> None:
+        now = time.perf_counter()
+        kind = self._next_kind
+        record = self.metrics.open(self._step)
+        record.compute_s += now - self._half_start
+        loss_scale = float(self.loss_scale)
+        if self._in_flight is not None:
+            self._finish_round(self._wait_in_flight())
+        grads = self._buffers[self._compute_buffer]
+        ready = None
+        if self._stream is not None:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream())
+        spec = RoundSpec(index=self._round_index, kind=kind, step=self._step, grads=grads,
+                         num_micro_batches=self._micro, loss_scale=loss_scale,
+                         hyperparams=[{k: v for k, v in g.items() if k not in _HYPERPARAM_SKIP}
+                                      for g in self.optimizer.param_groups],
+                         ready_event=ready)
+        self._in_flight = self._worker.submit(spec)
+        self._round_index += 1
+        self._compute_buffer ^= 1
+        for buf in self._buffers[self._compute_buffer]:
+            buf.zero_()
+        self._micro = 0
+        if kind is RoundKind.COMMIT:
+            self._step += 1
+        if self._mode == "acco":
+            self._next_kind = RoundKind.COMMIT if kind is RoundKind.ESTIMATE else RoundKind.ESTIMATE
+        self._half_start = time.perf_counter()
+
+    def _wait_in_flight(self) -> RoundResult:
+        handle, self._in_flight = self._in_flight, None
+        assert handle is not None, "waiting needs a round in flight"
+        start = time.perf_counter()
+        result = handle.wait(self._timeout_s)
+        self.metrics.open(result.step).exposed_wait_s += time.perf_counter() - start
+        return result
+
+    def _finish_round(self, result: RoundResult, load: bool = True) -> None:
+        """Account a finished round and load the parameters it produced."""
+        if load:
+            for live, shadow in zip(self.bit16_groups_flat, self._shadows):
+                live.copy_(shadow)
+        if self.dynamic_loss_scale:
+            self.loss_scaler.update_scale(result.overflow)
+        if result.overflow:
+            logger.warning(f"ACCO: non-finite gradients in the {result.kind.value} round of step {result.step + 1}; "
+                           "the step was skipped on every rank")
+        record = self.metrics.open(result.step)
+        record.bytes_communicated += result.bytes_sent
+        record.micro_batches_per_rank = [a + b for a, b in zip(record.micro_batches_per_rank, result.counts)] \
+            if record.micro_batches_per_rank else list(result.counts)
+        record.round_phases_s = {k: record.round_phases_s.get(k, 0.0) + v for k, v in result.phase_s.items()}
+        if result.kind is RoundKind.ESTIMATE:
+            record.estimate_round_s = result.duration_s
+        else:
+            record.commit_round_s = result.duration_s
+            record.overflow = result.overflow
+            record.grad_norm = result.grad_norm
+            self._lazy_init_hp_params_optimizer_state()
+            self.metrics.close(result.step)
+
+    # ------------------------------------------------------------------ public helpers
+    def flush(self) -> None:
+        """Wait for the round in flight, load the last committed parameters, restart the pipeline.
+
+        Micro-batches accumulated since the last boundary are dropped (none are, at a step boundary).
+        """
+        if self._in_flight is not None:
+            kind = self._in_flight.spec.kind
+            result = self._wait_in_flight()
+            # After an estimate the live parameters already are the committed ones.
+            self._finish_round(result, load=kind is RoundKind.COMMIT)
+        if self._micro:
+            logger.warning(f"ACCO flush: dropping {self._micro} micro-batch(es) accumulated since the last boundary")
+        self.metrics.discard_open()
+        for bufs in self._buffers:
+            for buf in bufs:
+                buf.zero_()
+        self._round.reset()
+        self._micro = 0
+        self._commit_pending = False
+        self._next_kind = RoundKind.ESTIMATE if self._mode == "acco" else RoundKind.COMMIT
+        self._half_start = time.perf_counter()
+
+    def pop_metrics(self) -> list[StepMetrics]:
+        """Records of the steps committed since the last call."""
+        return self.metrics.pop()
+
+    def destroy(self) -> None:
+        """Stop the worker thread (after the round in flight), then DeepSpeed's own clean-up."""
+        self._worker.shutdown()
+        super().destroy()
+
+    def state_dict(self) -> dict[str, Any]:
+        """ZeRO-1's state dict, taken after draining the pipeline (the committed state)."""
+        self.flush()
+        return super().state_dict()
+
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        """ZeRO-1's loader, after draining the pipeline; the shadow copies follow the loaded weights."""
+        self.flush()
+        super().load_state_dict(*args, **kwargs)
+        for live, shadow in zip(self.bit16_groups_flat, self._shadows):
+            shadow.copy_(live)
+

@@ -1,0 +1,309 @@
+"""Single-process reference for the ACCO, DPU and ZeRO-1 (sync) training schedules.
+
+This module is an independent, pure-PyTorch statement of the schedules described in
+``docs/acco-algorithm.md`` (ACCO, arXiv 2406.02613). It simulates ``N`` data-parallel ranks
+in one process, without ``torch.distributed`` and without DeepSpeed, so that the distributed
+implementation can be checked against it to fp32 rounding.
+
+Conventions shared by every mode:
+
+* The optimizer is ``torch.optim.AdamW`` on a full fp32 copy of the parameters (sharding Adam
+  is elementwise, so the full-vector optimizer is the reference for the sharded one).
+* Every micro-batch gradient is ``torch.autograd.grad(loss_fn(m(x), y), params)`` evaluated at
+  the parameters the schedule says the ranks hold at that moment (all ranks hold the same).
+* Gradients are accumulated in fp32 as sums; a round's gradient is the sum over ranks and
+  micro-batches divided by the global number of micro-batches in it.
+* Optional clipping by global L2 norm uses DeepSpeed ZeRO's formula: with
+  ``clip = (norm + 1e-6) / max_grad_norm``, the gradient is scaled by ``1 / clip`` when
+  ``clip > 1``. It applies to every optimizer step, ACCO estimates included.
+* Every round that belongs to committed step ``t`` uses the learning rate ``lr(t)``.
+
+Schedules (``T = num_steps``, ``GA = gradient_accumulation_steps``):
+
+* ``sync``: plain ZeRO-1 with gradient accumulation. Per step each rank computes ``GA``
+  micro-batches at ``theta_t`` and ``theta_{t+1} = Opt(theta_t, G_t / (N * GA))``.
+* ``acco``: ``k = GA // 2``. Step ``t`` has an estimate round (round ``2t``) and a commit
+  round (round ``2t + 1``). ``G~_t`` is computed at ``theta~_t`` (``theta~_0 = theta_0``),
+  ``theta~_{t+1} = Opt(theta_t, G~_t / c~)`` after which master weights and optimizer state
+  are restored exactly; ``G_t`` is computed at ``theta_t`` and
+  ``theta_{t+1} = Opt(theta_t, (G~_t + G_t) / (c~ + c))``. Each rank consumes its
+  micro-batches in the order ``G~_0, G_0, G~_1, G_1, ...``; nothing is consumed after the
+  last commit.
+* ``dpu``: one round per step (round ``t``), ``GA`` micro-batches per round, round ``t``'s
+  gradients computed at ``theta_{t-1}`` (``theta_{-1} = theta_0``):
+  ``theta_{t+1} = Opt(theta_t, G(theta_{t-1}))``.
+
+With ``counts`` (adaptive accumulation), rank ``rank`` contributes ``counts[r][rank]``
+micro-batches to round ``r`` and the divisor of a round is ``sum(counts[r])`` (for an ACCO
+commit, ``sum(counts[2t]) + sum(counts[2t + 1])``).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from typing import Any, Literal
+
+import torch
+
+__all__ = ["Mode", "reference_train", "rounds_per_step"]
+
+Mode = Literal["sync", "acco", "dpu"]
+
+_CLIP_EPS = 1e-6
+
+
+def rounds_per_step(mode: Mode) -> int:
+    """Return the number of communication rounds per committed optimizer step.
+
+    ACCO runs an estimate round and a commit round per step (2); DPU and sync run one.
+    """
+    if mode == "acco":
+        return 2
+    if mode in ("sync", "dpu"):
+        return 1
+    raise ValueError(f"unknown mode {mode!r}")
+
+
+class _Simulator:
+    """State of the simulated data-parallel job: the model, the master weights, AdamW."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        batches: list[list[tuple[torch.Tensor, torch.Tensor]]],
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        lr: float | Callable[[int], float],
+        betas: tuple[float, float],
+        eps: float,
+        weight_decay: float,
+        max_grad_norm: float,
+    ) -> None:
+        self.work = copy.deepcopy(model).float()
+        named = list(self.work.named_parameters())
+        self.names = [name for name, _ in named]
+        self.params = [p for _, p in named]
+        self.master = [p.detach().clone().float() for p in self.params]
+        self.lr = lr
+        self.opt = torch.optim.AdamW(
+            self.master,
+            lr=self._lr_at(0),
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+        )
+        self.loss_fn = loss_fn
+        self.max_grad_norm = max_grad_norm
+        self.num_ranks = len(batches)
+        self.iters: list[Iterator[tuple[torch.Tensor, torch.Tensor]]] = [
+            iter(rank_batches) for rank_batches in batches
+        ]
+        self.consumed = [0] * self.num_ranks
+
+    def _lr_at(self, step: int) -> float:
+        """Learning rate of committed step ``step``."""
+        return float(self.lr(step)) if callable(self.lr) else float(self.lr)
+
+    def snapshot_params(self) -> list[torch.Tensor]:
+        """Return a copy of the current master weights."""
+        return [m.detach().clone() for m in self.master]
+
+    def _micro_grad(
+        self, at: list[torch.Tensor], x: torch.Tensor, y: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """Gradient of one micro-batch's loss at parameters ``at`` (fp32, zeros if unused)."""
+        with torch.no_grad():
+            for p, value in zip(self.params, at, strict=True):
+                p.copy_(value)
+        loss = self.loss_fn(self.work(x), y)
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+        return [
+            torch.zeros_like(p, dtype=torch.float32)
+            if g is None
+            else g.detach().float()
+            for p, g in zip(self.params, grads, strict=True)
+        ]
+
+    def accumulate(
+        self, at: list[torch.Tensor], per_rank: list[int]
+    ) -> tuple[list[torch.Tensor], int]:
+        """Sum the gradients of ``per_rank[rank]`` next micro-batches of every rank at ``at``.
+
+        Returns the fp32 sums and the global number of micro-batches summed.
+        """
+        sums = [torch.zeros_like(m, dtype=torch.float32) for m in self.master]
+        for rank, n in enumerate(per_rank):
+            for _ in range(n):
+                try:
+                    x, y = next(self.iters[rank])
+                except StopIteration:
+                    raise ValueError(
+                        f"rank {rank} ran out of micro-batches after {self.consumed[rank]}"
+                    ) from None
+                self.consumed[rank] += 1
+                for s, g in zip(sums, self._micro_grad(at, x, y), strict=True):
+                    s.add_(g)
+        return sums, sum(per_rank)
+
+    def _clip(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Clip by global L2 norm with DeepSpeed ZeRO's formula."""
+        if self.max_grad_norm <= 0.0:
+            return grads
+        norm = torch.stack([g.pow(2).sum() for g in grads]).sum().sqrt()
+        clip = (float(norm) + _CLIP_EPS) / self.max_grad_norm
+        if clip > 1.0:
+            return [g * (1.0 / clip) for g in grads]
+        return grads
+
+    def step(self, sums: list[torch.Tensor], count: int, step_index: int) -> None:
+        """One AdamW step on the master weights with gradient ``sums / count``."""
+        if count <= 0:
+            raise ValueError("a round needs at least one micro-batch")
+        grads = self._clip([s / count for s in sums])
+        for m, g in zip(self.master, grads, strict=True):
+            m.grad = g.clone()
+        lr_t = self._lr_at(step_index)
+        for group in self.opt.param_groups:
+            group["lr"] = lr_t
+        self.opt.step()
+        for m in self.master:
+            m.grad = None
+
+    def tentative_step(
+        self, sums: list[torch.Tensor], count: int, step_index: int
+    ) -> list[torch.Tensor]:
+        """An ACCO estimate: step, read the result, restore weights and AdamW state exactly."""
+        saved_master = self.snapshot_params()
+        saved_state: dict[torch.Tensor, dict[str, Any]] = {
+            p: {
+                k: v.clone() if torch.is_tensor(v) else copy.deepcopy(v)
+                for k, v in s.items()
+            }
+            for p, s in self.opt.state.items()
+        }
+        self.step(sums, count, step_index)
+        estimate = self.snapshot_params()
+        with torch.no_grad():
+            for m, saved in zip(self.master, saved_master, strict=True):
+                m.copy_(saved)
+        self.opt.state = defaultdict(dict, saved_state)
+        return estimate
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """The committed parameters, name -> fp32 tensor."""
+        return {
+            name: m.detach().clone()
+            for name, m in zip(self.names, self.master, strict=True)
+        }
+
+
+def _check_counts(
+    counts: list[list[int]] | None, num_rounds: int, num_ranks: int
+) -> None:
+    """Validate the shape and values of an adaptive ``counts`` table."""
+    if counts is None:
+        return
+    if len(counts) != num_rounds:
+        raise ValueError(f"counts has {len(counts)} rounds, expected {num_rounds}")
+    for r, row in enumerate(counts):
+        if len(row) != num_ranks:
+            raise ValueError(f"counts[{r}] has {len(row)} ranks, expected {num_ranks}")
+        if any(c < 0 for c in row):
+            raise ValueError(f"counts[{r}] has a negative entry")
+
+
+def reference_train(
+    model: torch.nn.Module,
+    batches: list[list[tuple[torch.Tensor, torch.Tensor]]],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    *,
+    mode: Mode,
+    num_steps: int,
+    gradient_accumulation_steps: int,
+    lr: float | Callable[[int], float],
+    betas: tuple[float, float] = (0.9, 0.999),
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    max_grad_norm: float = 0.0,
+    counts: list[list[int]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Simulate ``len(batches)`` data-parallel ranks and return the committed parameters.
+
+    Args:
+        model: fp32 model whose parameters are ``theta_0``. It is deep-copied, never mutated.
+        batches: ``batches[rank][i] = (x, y)``, micro-batch ``i`` of that rank, consumed in
+            order.
+        loss_fn: ``loss_fn(model(x), y)`` gives the scalar mean loss of one micro-batch.
+        mode: ``"sync"`` (ZeRO-1), ``"acco"`` or ``"dpu"``.
+        num_steps: number ``T`` of committed optimizer steps.
+        gradient_accumulation_steps: ``GA``. sync: ``GA`` micro-batches per rank per step;
+            acco: ``k = GA // 2`` per round (``GA`` must be even); dpu: ``GA`` per round.
+        lr: constant learning rate, or ``lr(t)``, the learning rate of every round of
+            committed step ``t``.
+        betas: AdamW betas.
+        eps: AdamW epsilon.
+        weight_decay: AdamW (decoupled) weight decay.
+        max_grad_norm: global-norm clipping threshold; ``0`` disables clipping.
+        counts: adaptive accumulation, ``counts[r][rank]`` micro-batches contributed by
+            ``rank`` to round ``r`` (acco rounds are ``E0, C0, E1, C1, ...``); overrides
+            ``k`` / ``GA``.
+
+    Returns:
+        ``theta_T`` as ``name -> fp32 tensor`` in ``model.named_parameters()`` order.
+    """
+    if mode not in ("sync", "acco", "dpu"):
+        raise ValueError(f"unknown mode {mode!r}")
+    if num_steps < 0:
+        raise ValueError("num_steps must be >= 0")
+    num_ranks = len(batches)
+    if num_ranks < 1:
+        raise ValueError("need at least one rank")
+    ga = gradient_accumulation_steps
+    if counts is None:
+        if ga < 1:
+            raise ValueError("gradient_accumulation_steps must be >= 1")
+        if mode == "acco" and ga % 2 != 0:
+            raise ValueError("acco needs an even gradient_accumulation_steps")
+    _check_counts(counts, rounds_per_step(mode) * num_steps, num_ranks)
+
+    per_round = ga // 2 if mode == "acco" else ga
+
+    def round_counts(r: int) -> list[int]:
+        """Per-rank micro-batch counts of round ``r``."""
+        if counts is not None:
+            return list(counts[r])
+        return [per_round] * num_ranks
+
+    sim = _Simulator(
+        model, batches, loss_fn, lr, betas, eps, weight_decay, max_grad_norm
+    )
+
+    if mode == "sync":
+        for t in range(num_steps):
+            sums, count = sim.accumulate(sim.snapshot_params(), round_counts(t))
+            sim.step(sums, count, t)
+    elif mode == "dpu":
+        compute_at = sim.snapshot_params()  # theta_{-1} = theta_0
+        for t in range(num_steps):
+            sums, count = sim.accumulate(compute_at, round_counts(t))
+            compute_at = sim.snapshot_params()  # theta_t, loaded at this boundary
+            sim.step(sums, count, t)  # theta_{t+1} = Opt(theta_t, G(theta_{t-1}))
+    else:
+        if num_steps > 0:
+            # G~_0 at theta~_0 = theta_0.
+            est_sums, est_count = sim.accumulate(sim.snapshot_params(), round_counts(0))
+        for t in range(num_steps):
+            # Estimate round 2t: theta~_{t+1} = Opt(theta_t, G~_t), then exact rollback.
+            # Meanwhile the compute side accumulates G_t at theta_t.
+            theta_t = sim.snapshot_params()
+            theta_est = sim.tentative_step(est_sums, est_count, t)
+            sums, count = sim.accumulate(theta_t, round_counts(2 * t + 1))
+            # Commit round 2t+1: theta_{t+1} = Opt(theta_t, (G~_t + G_t) / (c~ + c)).
+            total = [a + b for a, b in zip(est_sums, sums, strict=True)]
+            sim.step(total, est_count + count, t)
+            # Meanwhile the compute side accumulates G~_{t+1} at theta~_{t+1};
+            # nothing is consumed after the last commit (final flush).
+            if t + 1 < num_steps:
+                est_sums, est_count = sim.accumulate(theta_est, round_counts(2 * t + 2))
+    return sim.result()

@@ -1,0 +1,105 @@
+"""Run a function on N gloo ranks in fresh processes and collect each rank's return value.
+
+``run_distributed(fn, world_size, *args)`` spawns ``world_size`` processes (the "spawn" start
+method: no inherited threads or OpenMP pools), sets the ``env://`` rendezvous variables that
+``deepspeed.init_distributed`` reads, calls ``fn(rank, world_size, *args)`` in each and returns
+the list of results. Any rank's exception fails the call with that rank's traceback; a rank that
+does not finish within ``timeout_s`` is killed and the call fails, so a hung collective never
+hangs the test run.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import socket
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["free_port", "run_distributed", "init_rank"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def init_rank(timeout_s: float = 60.0) -> None:
+    """In a child: gloo process group through DeepSpeed, no JIT build, one intra-op thread."""
+    from datetime import timedelta
+
+    import deepspeed
+    import torch
+
+    import deepspeed_acco
+
+    torch.set_num_threads(1)
+    deepspeed_acco.disable_cpu_shm_build()
+    deepspeed.init_distributed(dist_backend="gloo", timeout=timedelta(seconds=timeout_s))
+
+
+def _child(fn: Callable[..., Any], rank: int, world_size: int, port: int, env: dict[str, str],
+           results: Any, args: tuple[Any, ...]) -> None:
+    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
+                       "LOCAL_SIZE": str(world_size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                       "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", **env})
+    try:
+        # Plain pickle: tensors travel by value, not as shared-memory handles of a dying process.
+        results.put((rank, True, pickle.dumps(fn(rank, world_size, *args))))
+    except BaseException:  # noqa: BLE001 - report everything to the parent
+        results.put((rank, False, traceback.format_exc()))
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout_s: float = 120.0,
+                    env: dict[str, str] | None = None, expect_failure: bool = False) -> list[Any]:
+    """Run ``fn(rank, world_size, *args)`` on ``world_size`` ranks; return the per-rank results.
+
+    With ``expect_failure=True`` a rank's exception is returned as its traceback string instead
+    of failing the call (for tests of error paths).
+    """
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, env or {}, results, args), daemon=True)
+             for r in range(world_size)]
+    for proc in procs:
+        proc.start()
+    out: dict[int, Any] = {}
+    errors: dict[int, str] = {}
+    try:
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while len(out) + len(errors) < world_size:
+            try:
+                rank, ok, value = results.get(timeout=max(0.1, min(1.0, deadline - time.monotonic())))
+            except queue.Empty:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"ranks {sorted(set(range(world_size)) - set(out) - set(errors))} did "
+                                       f"not finish within {timeout_s} s") from None
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead and results.empty():
+                    time.sleep(1.0)
+                    if results.empty():
+                        raise RuntimeError(f"a rank died without reporting: exit codes "
+                                           f"{[p.exitcode for p in procs]}") from None
+                continue
+            if ok:
+                out[rank] = pickle.loads(value)
+            else:
+                errors[rank] = value
+    finally:
+        for proc in procs:
+            proc.join(timeout=5)
+            if proc.is_alive():
+                proc.kill()
+                proc.join(timeout=5)
+    if errors and not expect_failure:
+        raise RuntimeError("\n".join(f"--- rank {r} failed:\n{tb}" for r, tb in sorted(errors.items())))
+    merged = {**out, **errors}
+    return [merged[r] for r in range(world_size)]

@@ -1,0 +1,123 @@
+"""Functions that run inside the ranks spawned by ``dist_utils.run_distributed``.
+
+They build a small deterministic model and per-rank data from a seed, so that a single-process
+reference (``acco_reference.py``) can recompute the same training from the same inputs.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["make_model", "make_batches", "WithLoss", "train_worker", "base_config", "loss_fn"]
+
+IN, HIDDEN, OUT, MICRO = 8, 16, 4, 4
+
+
+def make_model(seed: int = 0) -> nn.Module:
+    """A tiny fp32 MLP with a deterministic initialisation."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, OUT))
+
+
+def make_batches(seed: int, world_size: int, num_micro: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """``batches[rank][i]``: micro-batch i of each rank, from a seeded generator."""
+    gen = torch.Generator().manual_seed(1000 + seed)
+    return [[(torch.randn(MICRO, IN, generator=gen), torch.randn(MICRO, OUT, generator=gen))
+             for _ in range(num_micro)] for _ in range(world_size)]
+
+
+def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of one micro-batch."""
+    return torch.nn.functional.mse_loss(out, y)
+
+
+class WithLoss(nn.Module):
+    """Wraps a model so that ``engine(x, y)`` returns the loss."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return loss_fn(self.model(x).float(), y.float())
+
+
+def base_config(ga: int = 4, lr: float = 1e-2, **extra: Any) -> dict[str, Any]:
+    """A ZeRO-1 config with torch's AdamW (no JIT build)."""
+    cfg: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": MICRO,
+        "gradient_accumulation_steps": ga,
+        "optimizer": {"type": "AdamW", "params": {"lr": lr, "weight_decay": 0.01, "torch_adam": True}},
+        "zero_optimization": {"stage": 1},
+        "steps_per_print": 10**9,
+    }
+    cfg.update(copy.deepcopy(extra))
+    return cfg
+
+
+def train_worker(rank: int, world_size: int, cfg: dict[str, Any], steps: int, seed: int = 0,
+                 options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train ``steps`` committed steps through the public API; return params, counts, metrics.
+
+    options: ``slow_s`` (sleep per micro-batch on rank 1, to slow it), ``use_install`` (go through
+    ``install()`` + plain ``deepspeed.initialize``), ``dtype`` ("bf16"/"fp16": cast inputs),
+    ``inject`` (make the round raise), ``stall_rank`` (that rank never launches its second round).
+    """
+    import deepspeed
+
+    import deepspeed_acco
+    from tests.dist_utils import init_rank
+
+    opts = options or {}
+    init_rank(timeout_s=opts.get("pg_timeout_s", 60.0))
+    model = make_model(seed)
+    module = WithLoss(model)
+    if opts.get("use_install"):
+        deepspeed_acco.install()
+        init = deepspeed.initialize
+    else:
+        init = deepspeed_acco.initialize
+    engine, _, _, _ = init(model=module, model_parameters=module.parameters(), config=cfg)
+    out: dict[str, Any] = {"engine": type(engine).__name__, "optimizer": type(engine.optimizer).__name__}
+    if opts.get("inject"):
+        def boom(spec: Any) -> Any:
+            raise ValueError("injected failure in the round")
+        engine.optimizer._worker._run_round = boom
+    num_micro = opts.get("num_micro", steps * cfg["gradient_accumulation_steps"] * 6 + 8)
+    data = make_batches(seed, world_size, num_micro)[rank]
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opts.get("dtype", ""), None)
+    losses, lrs, i = [], [], 0
+    first_state = None
+    while engine.global_steps < steps:
+        x, y = data[i]
+        i += 1
+        if dtype is not None:
+            x = x.to(dtype)
+        if opts.get("slow_s") and rank == 1:
+            time.sleep(opts["slow_s"])
+        if opts.get("stall_rank") == rank and i > cfg["gradient_accumulation_steps"] // 2:
+            time.sleep(opts.get("stall_s", 30))
+            raise RuntimeError("stalled rank gave up")
+        loss = engine(x, y)
+        engine.backward(loss)
+        if opts.get("snapshot_estimate") and first_state is None and engine.optimizer._round_index == 1:
+            first_state = "taken"
+        engine.step()
+        losses.append(float(loss))
+        lrs.append(engine.get_lr()[0])
+    deepspeed_acco.flush(engine)
+    out["micro_batches"] = i
+    out["global_steps"] = engine.global_steps
+    out["params"] = [p.detach().float().clone() for p in model.parameters()]
+    out["metrics"] = [m.as_dict() for m in deepspeed_acco.pop_metrics(engine)]
+    out["losses"] = losses
+    out["lrs"] = lrs
+    if opts.get("use_install"):
+        deepspeed_acco.uninstall()
+    engine.destroy()
+    return out
