@@ -32,6 +32,8 @@ class StepMetrics:
     """A non-finite gradient skipped the commit on every rank."""
     grad_norm: float = 0.0
     round_phases_s: dict[str, float] = field(default_factory=dict)
+    round_counts: list[list[int]] = field(default_factory=list)
+    """Per round of this step (estimate first in acco mode): micro-batches of each rank."""
 
     @property
     def micro_batches(self) -> int:

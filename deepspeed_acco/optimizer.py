@@ -207,6 +207,7 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         record.bytes_communicated += result.bytes_sent
         record.micro_batches_per_rank = [a + b for a, b in zip(record.micro_batches_per_rank, result.counts)] \
             if record.micro_batches_per_rank else list(result.counts)
+        record.round_counts.append(list(result.counts))
         record.round_phases_s = {k: record.round_phases_s.get(k, 0.0) + v for k, v in result.phase_s.items()}
         if result.kind is RoundKind.ESTIMATE:
             record.estimate_round_s = result.duration_s

@@ -257,7 +257,8 @@ class ShardedRound:
             scale *= self.clip_grad / (norm + 1e-6)
         saved = snapshot_state(self.base_optimizer, self.master_shards) if spec.kind is RoundKind.ESTIMATE else None
         for shard, summed in zip(self.master_shards, sums):
-            shard.grad = summed.mul_(scale).to(shard.dtype)
+            # Out of place: an estimate's sums are carried into the commit unscaled.
+            shard.grad = (summed * scale).to(shard.dtype)
         _step_with_hyperparams(self.base_optimizer, spec.hyperparams)
         for shard, flat in zip(self.master_shards, self.shadow_flats):
             shard.grad = None

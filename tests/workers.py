@@ -80,6 +80,8 @@ def train_worker(rank: int, world_size: int, cfg: dict[str, Any], steps: int, se
     if opts.get("use_install"):
         deepspeed_acco.install()
         init = deepspeed.initialize
+    elif opts.get("plain_deepspeed"):
+        init = deepspeed.initialize
     else:
         init = deepspeed_acco.initialize
     engine, _, _, _ = init(model=module, model_parameters=module.parameters(), config=cfg)
@@ -88,27 +90,31 @@ def train_worker(rank: int, world_size: int, cfg: dict[str, Any], steps: int, se
         def boom(spec: Any) -> Any:
             raise ValueError("injected failure in the round")
         engine.optimizer._worker._run_round = boom
+    rollback_checks: list[bool] = []
+    if opts.get("check_rollback"):
+        _watch_estimate_rollback(engine.optimizer, rollback_checks)
     num_micro = opts.get("num_micro", steps * cfg["gradient_accumulation_steps"] * 6 + 8)
     data = make_batches(seed, world_size, num_micro)[rank]
+    if opts.get("repeat"):  # a few micro-batches seen again and again: a loss that can fall
+        data = [data[j % opts["repeat"]] for j in range(num_micro)]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opts.get("dtype", ""), None)
     losses, lrs, i = [], [], 0
-    first_state = None
     while engine.global_steps < steps:
         x, y = data[i]
         i += 1
         if dtype is not None:
             x = x.to(dtype)
         if opts.get("slow_s") and rank == 1:
-            time.sleep(opts["slow_s"])
+            _busy(opts["slow_s"])
+        if opts.get("inf_at") == i and rank == 0:
+            x = x * float("inf")
         if opts.get("stall_rank") == rank and i > cfg["gradient_accumulation_steps"] // 2:
             time.sleep(opts.get("stall_s", 30))
             raise RuntimeError("stalled rank gave up")
         loss = engine(x, y)
         engine.backward(loss)
-        if opts.get("snapshot_estimate") and first_state is None and engine.optimizer._round_index == 1:
-            first_state = "taken"
         engine.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         lrs.append(engine.get_lr()[0])
     deepspeed_acco.flush(engine)
     out["micro_batches"] = i
@@ -117,7 +123,60 @@ def train_worker(rank: int, world_size: int, cfg: dict[str, Any], steps: int, se
     out["metrics"] = [m.as_dict() for m in deepspeed_acco.pop_metrics(engine)]
     out["losses"] = losses
     out["lrs"] = lrs
+    out["rollback_checks"] = rollback_checks
+    out["loss_scale"] = float(getattr(engine.optimizer, "loss_scale", 1.0))
     if opts.get("use_install"):
         deepspeed_acco.uninstall()
     engine.destroy()
     return out
+
+
+def _busy(seconds: float) -> None:
+    """Really slow this rank down: CPU-bound matrix products (they release the GIL, like compute)."""
+    a = torch.randn(96, 96)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        a = torch.tanh(a @ a)
+
+
+def _state_copy(optimizer: Any) -> list[Any]:
+    return [{k: (v.clone() if torch.is_tensor(v) else v) for k, v in optimizer.state.get(p, {}).items()}
+            for p in optimizer.param_groups[0]["params"]] + [p.detach().clone()
+                                                             for p in optimizer.param_groups[0]["params"]]
+
+
+def _same(a: list[Any], b: list[Any]) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b):
+        if isinstance(x, dict):
+            if x.keys() != y.keys() or not _same(list(x.values()), list(y.values())):
+                return False
+        elif torch.is_tensor(x):
+            if not (torch.is_tensor(y) and x.dtype == y.dtype and torch.equal(x, y)):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def _watch_estimate_rollback(optimizer: Any, checks: list[bool]) -> None:
+    """Around every estimate round: is the shard's optimizer state and master weight bit-identical after it?"""
+    from deepspeed_acco.pipeline import RoundKind
+
+    run = optimizer._round.run
+
+    def checked(spec: Any) -> Any:
+        if spec.kind is not RoundKind.ESTIMATE:
+            return run(spec)
+        before = _state_copy(optimizer.optimizer)
+        result = run(spec)
+        checks.append(_same(before, _state_copy(optimizer.optimizer)))
+        return result
+
+    optimizer._worker._run_round = checked
+
+
+def run_jobs(rank: int, world_size: int, jobs: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+    """Run several ``train_worker`` jobs one after the other in the same ranks (one spawn)."""
+    return [train_worker(rank, world_size, *job) for job in jobs]
