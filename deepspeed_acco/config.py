@@ -24,6 +24,7 @@ __all__ = [
     "TESTED_OPTIMIZERS",
     "get_acco_config",
     "check_deepspeed_config",
+    "check_raw_config",
 ]
 
 ACCO_KEY = "acco"
@@ -103,6 +104,18 @@ def get_acco_config(param_dict: dict[str, Any]) -> AccoConfig:
                              f" (got {e.get('input')!r})" for e in err.errors())
         raise AccoConfigError(f"invalid 'acco' block: {problems}. Valid keys: "
                               f"{', '.join(AccoConfig.model_fields)}") from None
+
+
+def check_raw_config(param_dict: dict[str, Any]) -> None:
+    """Refusals that must happen before DeepSpeed parses the config (it may fail first, less clearly).
+
+    Raises:
+        AccoConfigError: a 1-bit optimizer is configured.
+    """
+    name = str((param_dict.get("optimizer") or {}).get("type", ""))
+    if name.lower() in ONEBIT_OPTIMIZERS:
+        raise AccoConfigError(f"optimizer.type={name!r} compresses its own communication and cannot run inside "
+                              "ACCO's rounds; use \"Adam\" or \"AdamW\"")
 
 
 def _offload_device(zero: Any, name: str) -> str:

@@ -26,7 +26,13 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.pipe.module import PipelineModule
 from deepspeed.utils import logger
 
-from deepspeed_acco.config import AccoConfig, AccoConfigError, check_deepspeed_config, get_acco_config
+from deepspeed_acco.config import (
+    AccoConfig,
+    AccoConfigError,
+    check_deepspeed_config,
+    check_raw_config,
+    get_acco_config,
+)
 from deepspeed_acco.metrics import StepMetrics
 from deepspeed_acco.optimizer import AccoZeroOptimizer
 
@@ -162,6 +168,7 @@ def initialize(*args: Any, **kwargs: Any) -> tuple[Any, Any, Any, Any]:
     if not acco.enabled:
         return _original_initialize(*args, **kwargs)
     _check_version()
+    check_raw_config(cfg or {})
     if isinstance(bound.get("model"), PipelineModule):
         raise AccoConfigError("acco.enabled=true does not support pipeline parallelism (model is a "
                               "PipelineModule); use a plain nn.Module or set acco.enabled to false")

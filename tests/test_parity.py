@@ -39,8 +39,8 @@ JOBS: dict[str, tuple[Any, ...]] = {
     "adaptive": (base_config(GA, LR, **_acco(adaptive_accumulation=True, max_micro_batches_per_round=6)),
                  STEPS, SEED, {"slow_s": 0.15}),
     "bf16": (base_config(GA, 3e-2, bf16={"enabled": True}, **_acco()), 8, SEED, {"dtype": "bf16", "repeat": 2}),
-    "fp16_overflow": (base_config(GA, LR, fp16={"enabled": True, "initial_scale_power": 8, "hysteresis": 1}, **_acco()), 4, SEED,
-                      {"dtype": "fp16", "inf_at": 7}),
+    "fp16_overflow": (base_config(GA, LR, fp16={"enabled": True, "initial_scale_power": 8, "hysteresis": 1},
+                                  **_acco()), 4, SEED, {"dtype": "fp16", "inf_at": 7}),
 }
 
 

@@ -1,0 +1,183 @@
+"""The ``acco`` block and the refusals at ``initialize``: each bad setting fails with a message
+that names the key and the fix. Pure parsing tests run in-process; the table of refused
+DeepSpeed configs runs every case through ``deepspeed_acco.initialize`` in one spawned rank.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deepspeed_acco import AccoConfig, AccoConfigError, get_acco_config
+from tests.dist_utils import run_distributed
+from tests.workers import base_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("block,needle", [
+    ({"enabled": True, "mdoe": "acco"}, "acco.mdoe"),
+    ({"enabled": True, "mode": "fast"}, "acco.mode"),
+    ({"enabled": True, "adaptive_accumulation": "often"}, "acco.adaptive_accumulation"),
+    ({"enabled": True, "max_micro_batches_per_round": 0}, "acco.max_micro_batches_per_round"),
+    ({"enabled": True, "round_timeout_s": -1}, "acco.round_timeout_s"),
+    ({"enabled": True, "grad_accum_dtype": "fp8"}, "acco.grad_accum_dtype"),
+    ({"enabled": True, "mode": "dpu", "adaptive_accumulation": True}, "adaptive_accumulation"),
+])
+def test_block_refused(block: dict[str, Any], needle: str) -> None:
+    """A typo, a bad type or value in the block fails naming the key."""
+    with pytest.raises(AccoConfigError, match=needle.replace(".", r"\.")):
+        get_acco_config({"acco": block})
+
+
+def test_block_not_an_object() -> None:
+    """A non-object block is refused with the expected shape in the message."""
+    with pytest.raises(AccoConfigError, match="must be a JSON object"):
+        get_acco_config({"acco": "on"})
+
+
+def test_defaults() -> None:
+    """No block means disabled; defaults are acco mode, fp32 accumulation, no adaptive accumulation."""
+    cfg = get_acco_config({})
+    assert (cfg.enabled, cfg.mode, cfg.adaptive_accumulation, cfg.grad_accum_dtype) == (False, "acco", False, "fp32")
+
+
+_FIELDS = {
+    "enabled": st.one_of(st.booleans(), st.integers(), st.text(max_size=3)),
+    "mode": st.one_of(st.sampled_from(["acco", "dpu"]), st.text(max_size=4)),
+    "adaptive_accumulation": st.one_of(st.booleans(), st.floats(allow_nan=False)),
+    "max_micro_batches_per_round": st.one_of(st.none(), st.integers(-3, 50)),
+    "grad_accum_dtype": st.one_of(st.sampled_from(["fp32", "bf16"]), st.text(max_size=4)),
+    "round_timeout_s": st.one_of(st.floats(-10, 1e4, allow_nan=False), st.integers(-5, 100)),
+    "bogus_key": st.integers(),
+}
+
+
+def _valid(block: dict[str, Any]) -> bool:
+    """An independent statement of what the block accepts."""
+    def is_bool(v: Any) -> bool:
+        return isinstance(v, bool) or (isinstance(v, int) and v in (0, 1)) or (
+            isinstance(v, float) and v in (0.0, 1.0)) or (isinstance(v, str) and v.lower() in (
+                "0", "1", "t", "f", "y", "n", "on", "off", "yes", "no", "true", "false"))
+    rules = {
+        "enabled": is_bool,
+        "mode": lambda v: v in ("acco", "dpu"),
+        "adaptive_accumulation": is_bool,
+        "max_micro_batches_per_round": lambda v: v is None or (isinstance(v, int) and v >= 1),
+        "grad_accum_dtype": lambda v: v in ("fp32", "bf16"),
+        "round_timeout_s": lambda v: v > 0,
+    }
+    if any(k not in rules or not rules[k](v) for k, v in block.items()):
+        return False
+    adaptive = block.get("adaptive_accumulation", False)
+    adaptive = adaptive if not isinstance(adaptive, str) else adaptive.lower() in ("1", "t", "y", "on", "yes", "true")
+    return not (bool(adaptive) and block.get("mode", "acco") != "acco")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.sampled_from(sorted(_FIELDS)), st.none()).flatmap(
+    lambda keys: st.fixed_dictionaries({k: _FIELDS[k] for k in keys})))
+def test_property_nothing_invalid_accepted(block: dict[str, Any]) -> None:
+    """Random blocks: every valid one parses, every invalid one is refused with AccoConfigError."""
+    if _valid(block):
+        assert isinstance(get_acco_config({"acco": block}), AccoConfig)
+    else:
+        with pytest.raises(AccoConfigError):
+            get_acco_config({"acco": block})
+
+
+ON = {"acco": {"enabled": True}}
+REFUSED: list[tuple[str, dict[str, Any], str]] = [
+    ("stage 2", base_config(zero_optimization={"stage": 2}, **ON), "zero_optimization.stage=2"),
+    ("stage 0", base_config(zero_optimization={"stage": 0}, **ON), "zero_optimization.stage=0"),
+    ("optimizer offload", base_config(zero_optimization={"stage": 1, "offload_optimizer": {"device": "cpu"}}, **ON),
+     "zero_optimization.offload_optimizer"),
+    ("odd GA", base_config(ga=3, **ON), "gradient_accumulation_steps must be even"),
+    ("1-bit Adam", base_config(optimizer={"type": "OneBitAdam", "params": {"lr": 1e-3}}, **ON), "onebitadam"),
+    ("0/1 Adam", base_config(optimizer={"type": "ZeroOneAdam", "params": {"lr": 1e-3}}, **ON), "zerooneadam"),
+    ("1-bit Lamb", base_config(optimizer={"type": "OneBitLamb", "params": {"lr": 1e-3}}, **ON), "onebitlamb"),
+    ("cap below minimum", base_config(ga=8, acco={"enabled": True, "adaptive_accumulation": True,
+                                                  "max_micro_batches_per_round": 2}),
+     "max_micro_batches_per_round=2"),
+    ("grad_accum_dtype", base_config(data_types={"grad_accum_dtype": "fp32"}, **ON), "data_types.grad_accum_dtype"),
+    ("prescale", base_config(prescale_gradients=True, **ON), "prescale_gradients"),
+    ("typo in block", base_config(acco={"enabled": True, "adaptive_acumulation": True}), "acco.adaptive_acumulation"),
+    ("bad mode", base_config(acco={"enabled": True, "mode": "sync"}), "acco.mode"),
+    ("untested optimizer", base_config(optimizer={"type": "Adafactor", "params": {"lr": 1e-3}}, **ON),
+     "allow_untested_optimizer"),
+]
+
+
+def _refusals(rank: int, world_size: int, cases: list[tuple[str, dict[str, Any], str]]) -> dict[str, str]:
+    """In a spawned rank: initialize each case and return the error text (or 'ACCEPTED')."""
+    import torch
+    from deepspeed.runtime.pipe.module import PipelineModule
+
+    import deepspeed_acco
+    from tests.dist_utils import init_rank
+    from tests.workers import WithLoss, make_model
+
+    init_rank()
+    out = {}
+    for name, cfg, _ in cases:
+        module = WithLoss(make_model())
+        try:
+            deepspeed_acco.initialize(model=module, model_parameters=module.parameters(), config=cfg)
+            out[name] = "ACCEPTED"
+        except Exception as err:  # noqa: BLE001 - the message is what we check
+            out[name] = f"{type(err).__name__}: {err}"
+    module = WithLoss(make_model())
+    try:
+        deepspeed_acco.initialize(model=module, model_parameters=module.parameters(), config=base_config(**ON),
+                                  optimizer=torch.optim.RMSprop(module.parameters(), lr=1e-3))
+        out["client RMSprop"] = "ACCEPTED"
+    except Exception as err:  # noqa: BLE001
+        out["client RMSprop"] = f"{type(err).__name__}: {err}"
+    try:
+        pipe = PipelineModule(layers=[torch.nn.Linear(4, 4)], num_stages=1, loss_fn=torch.nn.functional.mse_loss)
+        deepspeed_acco.initialize(model=pipe, model_parameters=pipe.parameters(), config=base_config(**ON))
+        out["pipeline"] = "ACCEPTED"
+    except Exception as err:  # noqa: BLE001
+        out["pipeline"] = f"{type(err).__name__}: {err}"
+    module = WithLoss(make_model())
+    engine, *_ = deepspeed_acco.initialize(model=module, model_parameters=module.parameters(),
+                                           config=base_config(**ON))
+    x = torch.randn(4, 8)
+    try:
+        engine.backward(engine(x, torch.randn(4, 4)), scale_wrt_gas=False)
+        out["scale_wrt_gas"] = "ACCEPTED"
+    except Exception as err:  # noqa: BLE001
+        out["scale_wrt_gas"] = f"{type(err).__name__}: {err}"
+    engine.destroy()
+    return out
+
+
+@pytest.mark.timeout(240)
+def test_refused_at_initialize() -> None:
+    """Every unsupported combination is refused at initialize with a message naming the key and the fix."""
+    got = run_distributed(_refusals, 1, REFUSED, timeout_s=220)[0]
+    expected = {name: needle for name, _, needle in REFUSED}
+    expected.update({"client RMSprop": "allow_untested_optimizer", "pipeline": "pipeline parallelism",
+                     "scale_wrt_gas": "scale_wrt_gas=False"})
+    for name, needle in expected.items():
+        print(f"{name}: {got[name]}")
+        assert "Error" in got[name].split(":")[0], f"{name} was accepted"
+        assert needle.lower() in got[name].lower(), f"{name}: {got[name]}"
+    for name, _, _ in REFUSED:  # the message says what to do
+        assert any(w in got[name] for w in ("set ", "use ", "remove", "move", "raise", "Valid keys")), got[name]
+
+
+def test_ds_configs_differ_only_by_acco_block() -> None:
+    """zero1.json, acco.json and dpu.json share batch, optimizer and precision: only the acco block differs."""
+    cfgs = {name: json.loads((REPO / "ds_configs" / f"{name}.json").read_text()) for name in ("zero1", "acco", "dpu")}
+    assert "acco" not in cfgs["zero1"]
+    for name in ("acco", "dpu"):
+        rest = {k: v for k, v in cfgs[name].items() if k != "acco"}
+        assert rest == cfgs["zero1"], name
+        assert get_acco_config(cfgs[name]).enabled
+    assert get_acco_config(cfgs["dpu"]).mode == "dpu"
