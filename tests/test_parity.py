@@ -9,6 +9,7 @@ Run alone with ``python -m pytest tests/test_parity.py``.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,9 +46,17 @@ JOBS: dict[str, tuple[Any, ...]] = {
 
 
 @pytest.fixture(scope="module")
-def runs() -> dict[str, list[dict[str, Any]]]:
-    results = run_distributed(run_jobs, WORLD, list(JOBS.values()), timeout_s=280)
-    return {name: [rank_results[j] for rank_results in results] for j, name in enumerate(JOBS)}
+def monitor_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("monitor")
+
+
+@pytest.fixture(scope="module")
+def runs(monitor_dir: Path) -> dict[str, list[dict[str, Any]]]:
+    jobs = dict(JOBS)
+    jobs["monitor"] = (base_config(GA, LR, csv_monitor={"enabled": True, "output_path": str(monitor_dir),
+                                                        "job_name": "acco"}, **_acco()), STEPS, SEED)
+    results = run_distributed(run_jobs, WORLD, list(jobs.values()), timeout_s=280)
+    return {name: [rank_results[j] for rank_results in results] for j, name in enumerate(jobs)}
 
 
 def _reference(mode: str, steps: int = STEPS, **kw: Any) -> list[torch.Tensor]:
@@ -170,3 +179,20 @@ def test_fp16_overflow_skips_step_on_all_ranks(runs: dict[str, Any]) -> None:
     assert run0["loss_scale"] < 2**8 and run0["loss_scale"] == run1["loss_scale"]
     assert _ranks_identical(runs["fp16_overflow"])
     assert all(torch.isfinite(p).all() for p in run0["params"])
+
+
+def test_metrics_recorded_and_sent_to_monitor(runs: dict[str, Any], monitor_dir: Path) -> None:
+    """Per committed step: figures readable from Python, and written to DeepSpeed's csv monitor."""
+    records = runs["monitor"][0]["metrics"]
+    assert [m["step"] for m in records] == list(range(1, STEPS + 1))
+    for m in records:
+        assert m["commit_round_s"] > 0 and m["estimate_round_s"] > 0 and m["compute_s"] > 0
+        assert m["exposed_wait_s"] >= 0 and m["bytes_communicated"] > 0 and m["micro_batches"] == GA * WORLD
+    written = {p.name for p in monitor_dir.rglob("*.csv")}
+    print("monitor files:", sorted(written))
+    assert any("exposed_wait_s" in name for name in written) and any("commit_round_s" in name for name in written)
+
+
+def test_destroy_stops_worker(runs: dict[str, Any]) -> None:
+    """engine.destroy() stops ACCO's background thread."""
+    assert runs["acco"][0]["worker_alive_after_destroy"] is False

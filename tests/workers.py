@@ -127,7 +127,9 @@ def train_worker(rank: int, world_size: int, cfg: dict[str, Any], steps: int, se
     out["loss_scale"] = float(getattr(engine.optimizer, "loss_scale", 1.0))
     if opts.get("use_install"):
         deepspeed_acco.uninstall()
+    worker = getattr(engine.optimizer, "_worker", None)
     engine.destroy()
+    out["worker_alive_after_destroy"] = worker.alive if worker is not None else None
     return out
 
 
