@@ -64,9 +64,10 @@ def train_worker(rank: int, world_size: int, cfg: dict[str, Any], steps: int, se
                  options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train ``steps`` committed steps through the public API; return params, counts, metrics.
 
-    options: ``slow_s`` (sleep per micro-batch on rank 1, to slow it), ``use_install`` (go through
-    ``install()`` + plain ``deepspeed.initialize``), ``dtype`` ("bf16"/"fp16": cast inputs),
-    ``inject`` (make the round raise), ``stall_rank`` (that rank never launches its second round).
+    options: ``slow_s`` (CPU-bound work per micro-batch on rank 1, to slow it), ``use_install`` (go
+    through ``install()`` + plain ``deepspeed.initialize``), ``plain_deepspeed``, ``dtype``
+    ("bf16"/"fp16": cast inputs), ``inf_at`` (an inf input on rank 0 at that micro-batch), ``repeat``,
+    ``check_rollback``.
     """
     import deepspeed
 
@@ -74,7 +75,7 @@ def train_worker(rank: int, world_size: int, cfg: dict[str, Any], steps: int, se
     from tests.dist_utils import init_rank
 
     opts = options or {}
-    init_rank(timeout_s=opts.get("pg_timeout_s", 60.0))
+    init_rank()
     model = make_model(seed)
     module = WithLoss(model)
     if opts.get("use_install"):
@@ -86,10 +87,6 @@ def train_worker(rank: int, world_size: int, cfg: dict[str, Any], steps: int, se
         init = deepspeed_acco.initialize
     engine, _, _, _ = init(model=module, model_parameters=module.parameters(), config=cfg)
     out: dict[str, Any] = {"engine": type(engine).__name__, "optimizer": type(engine.optimizer).__name__}
-    if opts.get("inject"):
-        def boom(spec: Any) -> Any:
-            raise ValueError("injected failure in the round")
-        engine.optimizer._worker._run_round = boom
     rollback_checks: list[bool] = []
     if opts.get("check_rollback"):
         _watch_estimate_rollback(engine.optimizer, rollback_checks)
@@ -108,9 +105,6 @@ def train_worker(rank: int, world_size: int, cfg: dict[str, Any], steps: int, se
             _busy(opts["slow_s"])
         if opts.get("inf_at") == i and rank == 0:
             x = x * float("inf")
-        if opts.get("stall_rank") == rank and i > cfg["gradient_accumulation_steps"] // 2:
-            time.sleep(opts.get("stall_s", 30))
-            raise RuntimeError("stalled rank gave up")
         loss = engine(x, y)
         engine.backward(loss)
         engine.step()
