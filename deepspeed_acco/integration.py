@@ -105,11 +105,13 @@ class AccoEngine(DeepSpeedEngine):
         return self.acco_optimizer.commit_pending or getattr(self, "_acco_stepping_commit", False)
 
     def backward(self, loss: Any, retain_graph: bool = False, scale_wrt_gas: bool = True) -> Any:
-        """DeepSpeed's backward; ACCO needs the loss divided by gradient_accumulation_steps."""
-        if not scale_wrt_gas:
-            raise ValueError("engine.backward(scale_wrt_gas=False) is not supported with ACCO: the rounds divide "
-                             "gradients by the global micro-batch count themselves")
-        return super().backward(loss, retain_graph=retain_graph)
+        """DeepSpeed's backward, with DeepSpeed's meaning of ``scale_wrt_gas``.
+
+        ``scale_wrt_gas=False`` (the HF Trainer divides the loss by the accumulation steps itself)
+        gives the same gradients as under ZeRO-1: the rounds multiply the accumulated sum by
+        ``gradient_accumulation_steps`` and divide by the global micro-batch count.
+        """
+        return super().backward(loss, retain_graph=retain_graph, scale_wrt_gas=scale_wrt_gas)
 
     def step(self, lr_kwargs: Any = None) -> None:
         """DeepSpeed's step; at a commit boundary it also sends ACCO's figures to the monitor."""

@@ -34,6 +34,7 @@ JOBS: dict[str, tuple[Any, ...]] = {
     "disabled": (base_config(GA, LR, acco={"enabled": False}), STEPS, SEED),
     "acco": (base_config(GA, LR, **_acco()), STEPS, SEED, {"check_rollback": True}),
     "acco_install": (base_config(GA, LR, **_acco()), STEPS, SEED, {"use_install": True}),
+    "acco_prescaled": (base_config(GA, LR, **_acco()), STEPS, SEED, {"prescaled": True}),
     "dpu": (base_config(GA, LR, **_acco(mode="dpu")), STEPS, SEED),
     "acco_sched": (base_config(GA, LR, scheduler=SCHED, **_acco()), 4, SEED),
     "acco_clip": (base_config(GA, LR, gradient_clipping=0.05, **_acco()), STEPS, SEED),
@@ -101,6 +102,14 @@ def test_install_path_equals_initialize(runs: dict[str, Any]) -> None:
     """install() + plain deepspeed.initialize gives the same ACCO run as deepspeed_acco.initialize."""
     assert runs["acco_install"][0]["optimizer"] == "AccoZeroOptimizer"
     assert all(torch.equal(a, b) for a, b in zip(runs["acco_install"][0]["params"], runs["acco"][0]["params"]))
+
+
+def test_prescaled_loss_equals_default(runs: dict[str, Any]) -> None:
+    """``backward(loss / GA, scale_wrt_gas=False)`` (what the HF Trainer calls) gives the default run's parameters."""
+    diff = _max_diff(runs["acco_prescaled"][0]["params"], runs["acco"][0]["params"])
+    print(f"PARITY acco prescaled loss vs default: max |diff| = {diff:.3e}")
+    assert diff < TOL
+    assert _ranks_identical(runs["acco_prescaled"])
 
 
 def test_modes_differ(runs: dict[str, Any]) -> None:

@@ -67,7 +67,8 @@ def train_worker(rank: int, world_size: int, cfg: dict[str, Any], steps: int, se
     options: ``slow_s`` (CPU-bound work per micro-batch on rank 1, to slow it), ``use_install`` (go
     through ``install()`` + plain ``deepspeed.initialize``), ``plain_deepspeed``, ``dtype``
     ("bf16"/"fp16": cast inputs), ``inf_at`` (an inf input on rank 0 at that micro-batch), ``repeat``,
-    ``check_rollback``.
+    ``check_rollback``, ``prescaled`` (divide the loss by GA here and call ``backward(scale_wrt_gas=False)``,
+    as the HF Trainer does).
     """
     import deepspeed
 
@@ -106,7 +107,10 @@ def train_worker(rank: int, world_size: int, cfg: dict[str, Any], steps: int, se
         if opts.get("inf_at") == i and rank == 0:
             x = x * float("inf")
         loss = engine(x, y)
-        engine.backward(loss)
+        if opts.get("prescaled"):
+            engine.backward(loss / cfg["gradient_accumulation_steps"], scale_wrt_gas=False)
+        else:
+            engine.backward(loss)
         engine.step()
         losses.append(float(loss.detach()))
         lrs.append(engine.get_lr()[0])
