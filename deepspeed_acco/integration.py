@@ -22,6 +22,7 @@ from typing import Any
 
 import deepspeed
 import deepspeed.runtime.engine as ds_engine_module
+from deepspeed import comm as dist
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.pipe.module import PipelineModule
 from deepspeed.utils import logger
@@ -127,10 +128,71 @@ class AccoEngine(DeepSpeedEngine):
             if events:
                 self.monitor.write_events(events)
 
-    def save_checkpoint(self, save_dir: str, tag: Any = None, **kwargs: Any) -> Any:
-        """Drain the pipeline (committed parameters), then DeepSpeed's save."""
-        self.acco_optimizer.flush()
-        return super().save_checkpoint(save_dir, tag=tag, **kwargs)
+    def save_checkpoint(self, save_dir: str, tag: Any = None, client_state: dict[str, Any] | None = None,
+                        save_latest: bool = True, exclude_frozen_parameters: bool = False) -> Any:
+        """DeepSpeed's save of the committed state plus ACCO's pipeline state; training is not disturbed.
+
+        Waits for the round in flight, saves with the committed parameters in the model (the module
+        weights then match the fp32 master shards, so plain ZeRO-1 and ``zero_to_fp32`` read the
+        committed model), and puts the live parameters back: training after a save continues bit for
+        bit as without it. ACCO's counters, the estimate parameters and any partial accumulation go
+        into each rank's optimizer-states file (see ``AccoZeroOptimizer.state_dict``).
+
+        ``latest`` is written by rank 0 only after every rank has written all its files (DeepSpeed
+        writes it once rank 0's own files are done, before the final barrier), and atomically
+        (temporary file, fsync, ``os.replace``): a save that fails part-way leaves ``latest`` on the
+        previous tag.
+        """
+        optimizer = self.acco_optimizer
+        tag = str(tag) if tag is not None else f"global_step{self.global_steps}"
+        decoupled = self.checkpoint_engine is not None and self.checkpoint_engine.is_decoupled()
+        optimizer._engine_micro_steps = self.micro_steps
+        with optimizer.committed_parameters_loaded():
+            saved = super().save_checkpoint(save_dir, tag=tag, client_state=client_state or {},
+                                            save_latest=save_latest and decoupled,
+                                            exclude_frozen_parameters=exclude_frozen_parameters)
+        if save_latest and not decoupled:
+            # super() ended with a barrier: every rank's files of this tag are complete.
+            if self.global_rank == 0:
+                _write_latest_atomically(save_dir, tag)
+            dist.barrier()
+        return saved
+
+    def load_checkpoint(self, load_dir: str, tag: Any = None, **kwargs: Any) -> tuple[Any, Any]:
+        """DeepSpeed's load; ACCO's pipeline resumes where the checkpoint's run was.
+
+        With an ACCO checkpoint (same mode, GA and world size) training continues exactly as the
+        run that saved it. With a plain ZeRO-1 checkpoint (or ``load_module_only``) the pipeline
+        restarts from the loaded parameters and the committed-step count follows ``global_steps``.
+        """
+        optimizer = self.acco_optimizer
+        optimizer._discard_pipeline()
+        load_path, client_state = super().load_checkpoint(load_dir, tag=tag, **kwargs)
+        if load_path is not None:
+            optimizer.after_checkpoint_load(self.global_steps)
+            if optimizer.loaded_engine_micro_steps is not None:
+                self.micro_steps = optimizer.loaded_engine_micro_steps
+        return load_path, client_state
+
+
+def _write_latest_atomically(save_dir: str, tag: str) -> None:
+    """Point ``save_dir/latest`` at ``tag``: write a temporary file, fsync it, ``os.replace`` it.
+
+    A reader sees the old content or the new one, never a truncated file.
+    """
+    path = os.path.join(save_dir, "latest")
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as fh:
+        fh.write(tag)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    with contextlib.suppress(OSError):  # make the rename durable where directories can be fsynced
+        fd = os.open(save_dir, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 @contextlib.contextmanager

@@ -18,7 +18,10 @@ Boundaries (counted in micro-batches on this rank, ``k = gradient_accumulation_s
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -30,9 +33,20 @@ from deepspeed.utils import logger
 
 from deepspeed_acco.config import AccoConfig
 from deepspeed_acco.metrics import MetricsLog, StepMetrics
-from deepspeed_acco.pipeline import AccoCommWorker, RoundHandle, RoundKind, RoundResult, RoundSpec, ShardedRound
+from deepspeed_acco.pipeline import (
+    AccoCommWorker,
+    AccoRoundError,
+    RoundHandle,
+    RoundKind,
+    RoundResult,
+    RoundSpec,
+    ShardedRound,
+)
 
-__all__ = ["AccoZeroOptimizer"]
+__all__ = ["AccoZeroOptimizer", "ACCO_STATE_KEY"]
+
+ACCO_STATE_KEY = "acco"
+"""Key of ACCO's pipeline state in the ZeRO optimizer state dict (each rank's ``*_optim_states.pt``)."""
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _HYPERPARAM_SKIP = ("params",)
@@ -91,6 +105,11 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         self._half_start = time.perf_counter()
         self._half_compute: dict[int, float] = {}
         self.overflow = False
+        # Checkpoints (see the "checkpoints" section below).
+        self._live_backup: list[torch.Tensor] | None = None
+        self._engine_micro_steps: int | None = None
+        self.loaded_acco_state = False
+        self.loaded_engine_micro_steps: int | None = None
 
     # ------------------------------------------------------------------ gradients
     def _param_offsets(self, i: int) -> dict[int, int]:
@@ -250,15 +269,215 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         self._worker.shutdown()
         super().destroy()
 
-    def state_dict(self) -> dict[str, Any]:
-        """ZeRO-1's state dict, taken after draining the pipeline (the committed state)."""
-        self.flush()
-        return super().state_dict()
+    # ------------------------------------------------------------------ checkpoints
+    def drain(self) -> None:
+        """Wait for the round in flight without consuming it; training is not disturbed.
 
-    def load_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        """ZeRO-1's loader, after draining the pipeline; the shadow copies follow the loaded weights."""
-        self.flush()
-        super().load_state_dict(*args, **kwargs)
+        The next boundary finishes the round as it would have (loads its parameters, accounts it).
+        Afterwards the master shards and the base optimizer state are the committed ones and
+        ``committed_flats()`` holds the committed bit16 parameters.
+
+        Raises:
+            AccoRoundError: the round in flight failed or timed out.
+        """
+        if self._in_flight is not None:
+            self._in_flight.wait(self._timeout_s)
+
+    def committed_flats(self) -> list[torch.Tensor]:
+        """The flat bit16 parameters of the last committed step (valid after ``drain``).
+
+        A finished commit round holds them in the shadow flats (the live ones are then the next
+        estimate, or the previous step in dpu mode); otherwise the live flats are the committed ones.
+        """
+        handle = self._in_flight
+        if handle is not None and handle.spec.kind is RoundKind.COMMIT:
+            return self._shadows
+        return self.bit16_groups_flat
+
+    @contextlib.contextmanager
+    def committed_parameters_loaded(self) -> Iterator[None]:
+        """Drain; inside, the model's parameters are the committed ones; afterwards the live ones again.
+
+        ``AccoEngine.save_checkpoint`` saves inside it, so the checkpoint's module weights match the
+        optimizer's master weights, and training after the save continues bit for bit as without it.
+        """
+        self.drain()
+        committed = self.committed_flats()
+        if committed is self.bit16_groups_flat:
+            yield
+            return
+        self._live_backup = [flat.clone() for flat in self.bit16_groups_flat]
+        try:
+            for live, src in zip(self.bit16_groups_flat, committed):
+                live.copy_(src)
+            yield
+        finally:
+            for live, backup in zip(self.bit16_groups_flat, self._live_backup):
+                live.copy_(backup)
+            self._live_backup = None
+
+    def _partition(self, flat: torch.Tensor) -> torch.Tensor:
+        size = flat.numel() // self._world
+        return flat.narrow(0, self._rank * size, size)
+
+    def _acco_state(self) -> dict[str, Any]:
+        """ACCO's pipeline state on this rank (after ``drain``): enough to resume bit for bit.
+
+        Parameters are stored as this rank's 1/N partition (all-gathered again at load); the carried
+        estimate gradient is already a shard; the partial accumulation (only when saved between two
+        boundaries) is this rank's full flat fp32 buffer. Views are cloned: ``torch.save`` of a view
+        would write its whole storage.
+        """
+        live = self._live_backup or self.bit16_groups_flat
+        pending = None
+        if self._in_flight is not None:
+            handle = self._in_flight
+            result = handle.wait(self._timeout_s)
+            spec = handle.spec
+            pending = {
+                "spec": {"index": spec.index, "kind": spec.kind.value, "step": spec.step,
+                         "num_micro_batches": spec.num_micro_batches, "loss_scale": spec.loss_scale},
+                "result": {**{f.name: getattr(result, f.name) for f in dataclasses.fields(result)
+                              if f.name not in ("kind", "done_event")}, "kind": result.kind.value},
+                "shadow": [self._partition(flat).detach().cpu().clone() for flat in self._shadows],
+            }
+        carried = self._round._carried
+        return {
+            "format": 1,
+            "mode": self._mode,
+            "min_micro": self._min_micro,
+            "world_size": self._world,
+            "flat_numels": [flat.numel() for flat in self.bit16_groups_flat],
+            "step": self._step,
+            "round_index": self._round_index,
+            "micro": self._micro,
+            "next_kind": self._next_kind.value,
+            "live": [self._partition(flat).detach().cpu().clone() for flat in live],
+            "pending": pending,
+            "carried": [t.detach().cpu().clone() for t in carried] if carried is not None else None,
+            "carried_count": self._round._carried_count,
+            "accumulated": ([b.detach().cpu().clone() for b in self._buffers[self._compute_buffer]]
+                            if self._micro else None),
+            "open_metrics": [dataclasses.asdict(r) for r in self.metrics._open.values()],
+            "engine_micro_steps": self._engine_micro_steps,
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """ZeRO-1's state dict of the committed state, plus ACCO's pipeline state under ``"acco"``.
+
+        Drains the round in flight first; does not disturb training (unlike ``flush``). DeepSpeed's
+        own loaders (plain ZeRO-1, ``zero_to_fp32``) ignore the extra key.
+        """
+        self.drain()
+        state = super().state_dict()
+        state[ACCO_STATE_KEY] = self._acco_state()
+        return state
+
+    def _discard_pipeline(self) -> None:
+        """Before a load: wait for the round in flight and forget everything in the pipeline."""
+        if self._in_flight is not None:
+            handle, self._in_flight = self._in_flight, None
+            try:
+                handle.wait(self._timeout_s)
+            except AccoRoundError as err:  # the load replaces the state the round was writing
+                logger.warning(f"ACCO load: discarding a failed round in flight: {err}")
+        for bufs in self._buffers:
+            for buf in bufs:
+                buf.zero_()
+        self._round.reset()
+        self.metrics.discard_open()
+        self._micro = 0
+        self._commit_pending = False
+        self._next_kind = RoundKind.ESTIMATE if self._mode == "acco" else RoundKind.COMMIT
+        self._half_start = time.perf_counter()
+        self.loaded_acco_state = False
+        self.loaded_engine_micro_steps = None
+
+    def load_state_dict(self, state_dict_list: Any, load_optimizer_states: bool = True,
+                        load_from_fp32_weights: bool = False, checkpoint_folder: Any = None,
+                        load_serial: Any = None, param_shapes: Any = None) -> None:
+        """ZeRO-1's loader, then ACCO's pipeline state when the checkpoint has one.
+
+        Collective (all-gathers the saved parameter partitions on ACCO's group): every rank calls
+        it, as ``engine.load_checkpoint`` does. Without ACCO state (a plain ZeRO-1 checkpoint, a
+        universal checkpoint, another mode or GA) the pipeline restarts from the loaded parameters.
+        """
+        self._discard_pipeline()
+        super().load_state_dict(state_dict_list, load_optimizer_states=load_optimizer_states,
+                                load_from_fp32_weights=load_from_fp32_weights,
+                                checkpoint_folder=checkpoint_folder, load_serial=load_serial,
+                                param_shapes=param_shapes)
+        own = state_dict_list[self._rank] if state_dict_list and not checkpoint_folder else None
+        acco = own.get(ACCO_STATE_KEY) if isinstance(own, dict) and load_optimizer_states else None
+        reason = self._incompatible(acco)
+        if reason is None:
+            self._restore_acco_state(acco)
+        else:
+            if acco is not None:
+                logger.warning(f"ACCO load: {reason}; the pipeline restarts from the committed parameters")
+            for live, shadow in zip(self.bit16_groups_flat, self._shadows):
+                shadow.copy_(live)
+
+    def _incompatible(self, acco: dict[str, Any] | None) -> str | None:
+        if acco is None:
+            return "the checkpoint has no ACCO state"
+        if acco.get("format") != 1:
+            return f"unknown ACCO state format {acco.get('format')!r}"
+        saved = (acco["mode"], acco["min_micro"], acco["world_size"], acco["flat_numels"])
+        current = (self._mode, self._min_micro, self._world, [f.numel() for f in self.bit16_groups_flat])
+        if saved != current:
+            return f"saved with (mode, micro-batches per round, world size, flat sizes) {saved}, running {current}"
+        return None
+
+    def _gather_into(self, flats: list[torch.Tensor], parts: list[torch.Tensor]) -> None:
+        for flat, part in zip(flats, parts):
+            dist.all_gather_into_tensor(flat, part.to(device=flat.device, dtype=flat.dtype), group=self._acco_group)
+
+    def _restore_acco_state(self, acco: dict[str, Any]) -> None:
+        """Put the pipeline back exactly where ``_acco_state`` saw it (the round in flight as finished)."""
+        self._gather_into(self.bit16_groups_flat, acco["live"])
+        pending = acco["pending"]
+        if pending is None:
+            for live, shadow in zip(self.bit16_groups_flat, self._shadows):
+                shadow.copy_(live)
+        else:
+            self._gather_into(self._shadows, pending["shadow"])
+            s = pending["spec"]
+            spec = RoundSpec(index=s["index"], kind=RoundKind(s["kind"]), step=s["step"], grads=[],
+                             num_micro_batches=s["num_micro_batches"], loss_scale=s["loss_scale"], hyperparams=[])
+            handle = RoundHandle(spec)
+            handle._set_result(RoundResult(**{**pending["result"], "kind": RoundKind(pending["result"]["kind"])}))
+            self._in_flight = handle
+        device = self.bit16_groups_flat[0].device
+        if acco["carried"] is not None:
+            self._round._carried = [t.to(device) for t in acco["carried"]]
+            self._round._carried_count = acco["carried_count"]
+        if acco["accumulated"] is not None:
+            for buf, saved in zip(self._buffers[self._compute_buffer], acco["accumulated"]):
+                buf.copy_(saved)
+        self._micro = acco["micro"]
+        self._next_kind = RoundKind(acco["next_kind"])
+        self._step = acco["step"]
+        self._round_index = acco["round_index"]
+        for record in acco["open_metrics"]:
+            self.metrics._open[record["step"] - 1] = StepMetrics(**record)
+        self.loaded_acco_state = True
+        self.loaded_engine_micro_steps = acco.get("engine_micro_steps")
+
+    def after_checkpoint_load(self, global_steps: int) -> None:
+        """Called by ``AccoEngine.load_checkpoint``: without ACCO state, continue the step count.
+
+        A plain ZeRO-1 checkpoint, ``load_module_only`` or ``load_optimizer_states=False`` leave
+        the pipeline fresh; the committed-step counter (``StepMetrics.step``) then follows the
+        engine's ``global_steps`` and the shadows the loaded parameters.
+        """
+        if self.loaded_acco_state:
+            if self._step != global_steps:
+                logger.warning(f"ACCO load: the ACCO state counts {self._step} committed steps, the engine "
+                               f"{global_steps}")
+            return
+        self._step = global_steps
+        self._round_index = global_steps * (2 if self._mode == "acco" else 1)
         for live, shadow in zip(self.bit16_groups_flat, self._shadows):
             shadow.copy_(live)
 
