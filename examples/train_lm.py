@@ -591,10 +591,15 @@ def quiet_known_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
 
 
+def _local_env(names: tuple[str, ...], default: str) -> int:
+    """The first of these environment variables that is set (DeepSpeed/torchrun, then Open MPI, then MPICH)."""
+    return int(next((os.environ[n] for n in names if n in os.environ), default))
+
+
 def share_cpu_cores() -> None:
     """On CPU, give each local rank its share of the cores (unless OMP_NUM_THREADS says otherwise)."""
     if "OMP_NUM_THREADS" not in os.environ:
-        local = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        local = _local_env(("LOCAL_SIZE", "LOCAL_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"), "1")
         threads = max(1, (os.cpu_count() or 1) // max(local, 1))
         os.environ["OMP_NUM_THREADS"] = str(threads)
         torch.set_num_threads(threads)
@@ -608,7 +613,7 @@ def _setup_distributed() -> None:
         deepspeed_acco.disable_cpu_shm_build()
         share_cpu_cores()
     else:
-        accel.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        accel.set_device(_local_env(("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"), "0"))
     deepspeed.init_distributed()
 
 

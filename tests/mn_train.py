@@ -1,0 +1,85 @@
+"""A few ACCO steps on whatever ranks a launcher started; each rank saves its parameters and prints a success line.
+
+The script that ``tests/test_multinode.py`` launches through ``deepspeed --no_ssh``, ``deepspeed --launcher
+openmpi``, and ``mpirun`` (across fake hosts and on one host). It trains exactly what
+``tests.workers.train_worker`` trains (same model, data, config and loop), so its parameters can be compared
+bitwise with the in-process single-host run. Rank, world size and rendezvous come from the DeepSpeed launcher's
+environment or, when those variables are absent (mpirun), from MPI through
+``deepspeed.init_distributed(auto_mpi_discovery=True)``.
+
+    python3 tests/mn_train.py --out /tmp/params_{rank}.pt [--steps 3] [--ga 4] [--port 29500]
+
+On success each rank prints ``[rank R/W] host=<hostname> ... done`` as its last line. DeepSpeed's runner exits 0
+when a child is killed by a signal, so callers check these lines, not only the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # for `tests.workers` (deepspeed_acco is installed)
+
+import deepspeed  # noqa: E402
+import torch  # noqa: E402
+from deepspeed import comm as dist  # noqa: E402
+
+import deepspeed_acco  # noqa: E402
+from tests.workers import WithLoss, base_config, make_batches, make_model  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line flags (``--local_rank`` is what the DeepSpeed launcher appends)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--out", required=True, help="where this rank writes its parameters; '{rank}' is replaced")
+    parser.add_argument("--steps", type=int, default=3, help="committed optimizer steps")
+    parser.add_argument("--ga", type=int, default=4, help="gradient_accumulation_steps (even for ACCO)")
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--port", type=int, default=29500, help="rendezvous port when discovered through MPI")
+    parser.add_argument("--timeout", type=float, default=120.0, help="process-group and ACCO round timeout (s)")
+    parser.add_argument("--local_rank", type=int, default=-1, help="set by the DeepSpeed launcher (unused)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Initialise, train ``--steps`` ACCO steps, flush, save this rank's parameters, print the success line."""
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    deepspeed_acco.disable_cpu_shm_build()
+    deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=True, distributed_port=args.port,
+                               timeout=timedelta(seconds=args.timeout))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cfg = base_config(args.ga, args.lr, acco={"enabled": True, "round_timeout_s": args.timeout})
+    model = make_model(args.seed)
+    module = WithLoss(model)
+    engine, _, _, _ = deepspeed_acco.initialize(model=module, model_parameters=module.parameters(), config=cfg)
+    data = make_batches(args.seed, world, args.steps * args.ga * 6 + 8)[rank]
+    i = 0
+    while engine.global_steps < args.steps:
+        x, y = data[i]
+        i += 1
+        loss = engine(x, y)
+        engine.backward(loss)
+        engine.step()
+    deepspeed_acco.flush(engine)
+    out = Path(args.out.format(rank=rank))
+    hostname = socket.gethostname()
+    torch.save({"rank": rank, "world_size": world, "hostname": hostname, "master_addr": os.environ.get("MASTER_ADDR"),
+                "global_steps": engine.global_steps, "micro_batches": i,
+                "params": [p.detach().float().clone() for p in model.parameters()]}, out)
+    steps = engine.global_steps
+    engine.destroy()
+    dist.barrier()
+    torch.distributed.destroy_process_group()
+    print(f"[rank {rank}/{world}] host={hostname} local_rank={os.environ.get('LOCAL_RANK')} "
+          f"master={os.environ.get('MASTER_ADDR')} steps={steps} micro_batches={i} params={out} done", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
