@@ -19,8 +19,9 @@ from deepspeed_acco.integration import (
     uninstall,
 )
 from deepspeed_acco.metrics import StepMetrics
-from deepspeed_acco.optimizer import AccoZeroOptimizer
+from deepspeed_acco.optimizer import AccoNonFiniteGradients, AccoZeroOptimizer
 from deepspeed_acco.pipeline import AccoRoundError, AccoRoundTimeout
+from deepspeed_acco.signals import AccoTerminated
 
 __version__ = "0.1.0"
 
@@ -28,8 +29,10 @@ __all__ = [
     "AccoConfig",
     "AccoConfigError",
     "AccoEngine",
+    "AccoNonFiniteGradients",
     "AccoRoundError",
     "AccoRoundTimeout",
+    "AccoTerminated",
     "AccoZeroOptimizer",
     "StepMetrics",
     "__version__",

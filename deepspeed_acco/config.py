@@ -11,6 +11,7 @@ HF Trainer untouched. ``AccoConfig`` validates the block itself (unknown keys, t
 
 from __future__ import annotations
 
+import difflib
 from typing import Any, Literal
 
 from deepspeed.runtime.config_utils import DeepSpeedConfigModel
@@ -101,9 +102,17 @@ def get_acco_config(param_dict: dict[str, Any]) -> AccoConfig:
         return AccoConfig(**block)
     except ValidationError as err:
         problems = "; ".join(f"acco.{'.'.join(str(p) for p in e['loc']) or '<block>'}: {e['msg']}"
-                             f" (got {e.get('input')!r})" for e in err.errors())
+                             f" (got {e.get('input')!r}{_did_you_mean(e)})" for e in err.errors())
         raise AccoConfigError(f"invalid 'acco' block: {problems}. Valid keys: "
                               f"{', '.join(AccoConfig.model_fields)}") from None
+
+
+def _did_you_mean(error: Any) -> str:
+    """For an unknown key of the block, the closest valid key (a typo's likely intent), else ''."""
+    if error.get("type") != "extra_forbidden" or not error.get("loc"):
+        return ""
+    close = difflib.get_close_matches(str(error["loc"][0]), list(AccoConfig.model_fields), n=1, cutoff=0.6)
+    return f"; did you mean acco.{close[0]}?" if close else ""
 
 
 def check_raw_config(param_dict: dict[str, Any]) -> None:

@@ -36,6 +36,7 @@ from deepspeed_acco.config import (
 )
 from deepspeed_acco.metrics import StepMetrics
 from deepspeed_acco.optimizer import AccoZeroOptimizer
+from deepspeed_acco.signals import install_sigterm_handler
 
 __all__ = ["AccoEngine", "initialize", "install", "uninstall", "is_installed", "flush", "pop_metrics",
            "disable_cpu_shm_build", "SUPPORTED_DEEPSPEED"]
@@ -123,8 +124,9 @@ class AccoEngine(DeepSpeedEngine):
         finally:
             self._acco_stepping_commit = False
         if commit and self.monitor.enabled and self.global_rank == 0:
-            events = [(name, value, record.step) for record in self.acco_optimizer.metrics.history[-1:]
-                      for name, value in record.monitor_events()]
+            history = self.acco_optimizer.metrics.history
+            events = [(name, value, history[-1].step) for name, value in history[-1].monitor_events()] \
+                if history else []
             if events:
                 self.monitor.write_events(events)
 
@@ -147,10 +149,13 @@ class AccoEngine(DeepSpeedEngine):
         tag = str(tag) if tag is not None else f"global_step{self.global_steps}"
         decoupled = self.checkpoint_engine is not None and self.checkpoint_engine.is_decoupled()
         optimizer._engine_micro_steps = self.micro_steps
-        with optimizer.committed_parameters_loaded():
-            saved = super().save_checkpoint(save_dir, tag=tag, client_state=client_state or {},
-                                            save_latest=save_latest and decoupled,
-                                            exclude_frozen_parameters=exclude_frozen_parameters)
+        try:
+            with optimizer.committed_parameters_loaded():
+                saved = super().save_checkpoint(save_dir, tag=tag, client_state=client_state or {},
+                                                save_latest=save_latest and decoupled,
+                                                exclude_frozen_parameters=exclude_frozen_parameters)
+        finally:
+            optimizer._engine_micro_steps = None
         if save_latest and not decoupled:
             # super() ended with a barrier: every rank's files of this tag are complete.
             if self.global_rank == 0:
@@ -166,7 +171,7 @@ class AccoEngine(DeepSpeedEngine):
         restarts from the loaded parameters and the committed-step count follows ``global_steps``.
         """
         optimizer = self.acco_optimizer
-        optimizer._discard_pipeline()
+        optimizer.before_checkpoint_load()
         load_path, client_state = super().load_checkpoint(load_dir, tag=tag, **kwargs)
         if load_path is not None:
             optimizer.after_checkpoint_load(self.global_steps)
@@ -241,6 +246,7 @@ def initialize(*args: Any, **kwargs: Any) -> tuple[Any, Any, Any, Any]:
     with _swapped(deepspeed, "DeepSpeedEngine", AccoEngine):
         result = _original_initialize(*args, **kwargs)
     result[0]._acco_finish_init()
+    install_sigterm_handler(_any_live_worker)
     return result
 
 
@@ -303,6 +309,11 @@ def disable_cpu_shm_build() -> None:
     Call before ``deepspeed.init_distributed``; saves a ~30 s compile on a fresh CPU machine.
     """
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def _any_live_worker() -> bool:
+    """Whether an ACCO optimizer of this process still has its worker (SIGTERM then stops cleanly)."""
+    return any(not optimizer._worker._closed for optimizer in list(_live_optimizers))
 
 
 @atexit.register

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -58,12 +59,16 @@ class StepMetrics:
 
 
 class MetricsLog:
-    """Steps in progress (keyed by step index) and the finished ones not yet read."""
+    """Steps in progress (keyed by step index), the finished ones not yet read, and the most recent ones.
 
-    def __init__(self) -> None:
+    Both finished-step queues are bounded (``keep`` records), so a run that never calls
+    ``pop_metrics`` does not grow without limit: the oldest unread records are dropped first.
+    """
+
+    def __init__(self, keep: int = 4096) -> None:
         self._open: dict[int, StepMetrics] = {}
-        self._done: list[StepMetrics] = []
-        self.history: list[StepMetrics] = []
+        self._done: deque[StepMetrics] = deque(maxlen=keep)
+        self.history: deque[StepMetrics] = deque(maxlen=keep)
 
     def open(self, step: int) -> StepMetrics:
         """The record of a step in progress (0-based index), created on first use."""
@@ -82,6 +87,7 @@ class MetricsLog:
         self._open.clear()
 
     def pop(self) -> list[StepMetrics]:
-        """The committed steps finished since the last call."""
-        done, self._done = self._done, []
+        """The committed steps finished since the last call (at most the last ``keep``)."""
+        done = list(self._done)
+        self._done.clear()
         return done

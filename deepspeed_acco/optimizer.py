@@ -43,7 +43,7 @@ from deepspeed_acco.pipeline import (
     ShardedRound,
 )
 
-__all__ = ["AccoZeroOptimizer", "ACCO_STATE_KEY"]
+__all__ = ["AccoNonFiniteGradients", "AccoZeroOptimizer", "ACCO_STATE_KEY"]
 
 ACCO_STATE_KEY = "acco"
 """Key of ACCO's pipeline state in the ZeRO optimizer state dict (each rank's ``*_optim_states.pt``)."""
@@ -52,12 +52,21 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _HYPERPARAM_SKIP = ("params",)
 
 
+class AccoNonFiniteGradients(RuntimeError):
+    """Too many optimizer steps in a row had NaN/Inf gradients (raised on every rank at the same boundary)."""
+
+
 class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
     """ZeRO-1 with ACCO's overlapped accumulate-while-communicate pipeline.
 
     Built by the engine exactly like ``DeepSpeedZeroOptimizer`` (same arguments), plus the
     parsed ``"acco"`` block. Use it through ``deepspeed_acco.initialize`` or ``install()``.
     """
+
+    max_consecutive_nonfinite_steps: int = 3
+    """Without fp16 dynamic loss scaling (fp32, bf16): this many committed steps in a row skipped for
+    NaN/Inf gradients raise ``AccoNonFiniteGradients`` on every rank (0: never raise, only warn).
+    Set it on the class, or on ``engine.optimizer``."""
 
     def __init__(self, *args: Any, acco_config: AccoConfig, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -105,6 +114,9 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         self._half_start = time.perf_counter()
         self._half_compute: dict[int, float] = {}
         self.overflow = False
+        self._nonfinite_steps = 0  # committed steps skipped for NaN/Inf gradients
+        self._nonfinite_in_a_row = 0
+        self._nonfinite_last_step = 0
         # Checkpoints (see the "checkpoints" section below).
         self._live_backup: list[torch.Tensor] | None = None
         self._engine_micro_steps: int | None = None
@@ -182,6 +194,7 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         loss_scale = float(self.loss_scale)
         if self._in_flight is not None:
             self._finish_round(self._wait_in_flight())
+            self._raise_if_nonfinite_persists()
         grads = self._buffers[self._compute_buffer]
         ready = None
         if self._stream is not None:
@@ -219,9 +232,6 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
                 live.copy_(shadow)
         if self.dynamic_loss_scale:
             self.loss_scaler.update_scale(result.overflow)
-        if result.overflow:
-            logger.warning(f"ACCO: non-finite gradients in the {result.kind.value} round of step {result.step + 1}; "
-                           "the step was skipped on every rank")
         record = self.metrics.open(result.step)
         record.bytes_communicated += result.bytes_sent
         record.micro_batches_per_rank = [a + b for a, b in zip(record.micro_batches_per_rank, result.counts)] \
@@ -236,6 +246,44 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
             record.grad_norm = result.grad_norm
             self._lazy_init_hp_params_optimizer_state()
             self.metrics.close(result.step)
+        if result.overflow:
+            self._note_nonfinite(result)
+        elif result.kind is RoundKind.COMMIT:
+            self._nonfinite_in_a_row = 0
+
+    def _note_nonfinite(self, result: RoundResult) -> None:
+        """Warn about a round whose global gradient norm was NaN/Inf (skipped on every rank) and count it.
+
+        The decision is global: the squared norm is all-reduced inside the round, so every rank sees
+        the same non-finite value, skips the same step, and raises at the same boundary
+        (``_raise_if_nonfinite_persists``).
+        """
+        if result.kind is RoundKind.ESTIMATE:
+            logger.warning(f"ACCO: non-finite gradients (NaN/Inf) in the estimate round of step {result.step + 1}: "
+                           "the estimate was skipped on every rank (the next micro-batches run at the committed "
+                           "weights); the commit round of this step sums the same gradients and will skip it too")
+            return
+        self._nonfinite_steps += 1
+        self._nonfinite_in_a_row += 1
+        self._nonfinite_last_step = result.step + 1
+        limit = self.max_consecutive_nonfinite_steps
+        scaled = bool(self.dynamic_loss_scale)
+        logger.warning(f"ACCO: non-finite gradients (NaN/Inf) in the commit round of step {result.step + 1}: the "
+                       f"step was skipped on every rank, parameters and optimizer state unchanged "
+                       f"({self._nonfinite_steps} step(s) skipped so far, {self._nonfinite_in_a_row} in a row"
+                       + (", the fp16 loss scaler backs off)" if scaled else f"; raising at {limit} in a row)"))
+
+    def _raise_if_nonfinite_persists(self) -> None:
+        """At a boundary, not in ``flush`` (a checkpoint can still be saved): raise after K skipped steps in a row."""
+        limit = self.max_consecutive_nonfinite_steps
+        if not self.dynamic_loss_scale and limit > 0 and self._nonfinite_in_a_row >= limit:
+            raise AccoNonFiniteGradients(
+                f"ACCO: {self._nonfinite_in_a_row} optimizer steps in a row (up to step "
+                f"{self._nonfinite_last_step}) had non-finite gradients (NaN/Inf) and were skipped on every "
+                "rank; without fp16 loss scaling this does not recover by itself. The parameters are the last "
+                "finite committed ones (identical on every rank). Check the data and the learning rate, or "
+                "enable gradient clipping; AccoZeroOptimizer.max_consecutive_nonfinite_steps sets the limit "
+                "(0: never raise).")
 
     # ------------------------------------------------------------------ public helpers
     def flush(self) -> None:
@@ -320,12 +368,21 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         size = flat.numel() // self._world
         return flat.narrow(0, self._rank * size, size)
 
+    def _saved_partitions(self, flats: list[torch.Tensor]) -> list[torch.Tensor | None]:
+        """This rank's partition of each flat, or None where it equals the (saved) fp32 master cast to its dtype."""
+        out: list[torch.Tensor | None] = []
+        for flat, master in zip(flats, self.single_partition_of_fp32_groups):
+            part = self._partition(flat)
+            out.append(None if torch.equal(part, master.detach().to(part.dtype)) else part.detach().cpu().clone())
+        return out
+
     def _acco_state(self) -> dict[str, Any]:
         """ACCO's pipeline state on this rank (after ``drain``): enough to resume bit for bit.
 
-        Parameters are stored as this rank's 1/N partition (all-gathered again at load); the carried
+        Parameters are stored as this rank's 1/N partition (all-gathered again at load), and not at
+        all where they equal the fp32 master (the committed weights) cast to their dtype; the carried
         estimate gradient is already a shard; the partial accumulation (only when saved between two
-        boundaries) is this rank's full flat fp32 buffer. Views are cloned: ``torch.save`` of a view
+        boundaries) is this rank's full flat accumulation buffer. Views are cloned: ``torch.save`` of a view
         would write its whole storage.
         """
         live = self._live_backup or self.bit16_groups_flat
@@ -339,7 +396,7 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
                          "num_micro_batches": spec.num_micro_batches, "loss_scale": spec.loss_scale},
                 "result": {**{f.name: getattr(result, f.name) for f in dataclasses.fields(result)
                               if f.name not in ("kind", "done_event")}, "kind": result.kind.value},
-                "shadow": [self._partition(flat).detach().cpu().clone() for flat in self._shadows],
+                "shadow": self._saved_partitions(self._shadows),
             }
         carried = self._round._carried
         return {
@@ -351,8 +408,11 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
             "step": self._step,
             "round_index": self._round_index,
             "micro": self._micro,
+            "commit_pending": self._commit_pending,
             "next_kind": self._next_kind.value,
-            "live": [self._partition(flat).detach().cpu().clone() for flat in live],
+            "nonfinite_steps": getattr(self, "_nonfinite_steps", 0),
+            "nonfinite_in_a_row": getattr(self, "_nonfinite_in_a_row", 0),
+            "live": self._saved_partitions(live),
             "pending": pending,
             "carried": [t.detach().cpu().clone() for t in carried] if carried is not None else None,
             "carried_count": self._round._carried_count,
@@ -411,7 +471,8 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         acco = own.get(ACCO_STATE_KEY) if isinstance(own, dict) and load_optimizer_states else None
         reason = self._incompatible(acco)
         if reason is None:
-            self._restore_acco_state(acco)
+            with torch.no_grad():
+                self._restore_acco_state(acco)
         else:
             if acco is not None:
                 logger.warning(f"ACCO load: {reason}; the pipeline restarts from the committed parameters")
@@ -429,9 +490,11 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
             return f"saved with (mode, micro-batches per round, world size, flat sizes) {saved}, running {current}"
         return None
 
-    def _gather_into(self, flats: list[torch.Tensor], parts: list[torch.Tensor]) -> None:
-        for flat, part in zip(flats, parts):
-            dist.all_gather_into_tensor(flat, part.to(device=flat.device, dtype=flat.dtype), group=self._acco_group)
+    def _gather_into(self, flats: list[torch.Tensor], parts: list[torch.Tensor | None]) -> None:
+        """All-gather saved partitions into full flats; a None partition is the loaded fp32 master's cast."""
+        for flat, part, master in zip(flats, parts, self.single_partition_of_fp32_groups):
+            source = master.detach() if part is None else part
+            dist.all_gather_into_tensor(flat, source.to(device=flat.device, dtype=flat.dtype), group=self._acco_group)
 
     def _restore_acco_state(self, acco: dict[str, Any]) -> None:
         """Put the pipeline back exactly where ``_acco_state`` saw it (the round in flight as finished)."""
@@ -456,26 +519,44 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
             for buf, saved in zip(self._buffers[self._compute_buffer], acco["accumulated"]):
                 buf.copy_(saved)
         self._micro = acco["micro"]
+        self._commit_pending = acco["commit_pending"]
         self._next_kind = RoundKind(acco["next_kind"])
         self._step = acco["step"]
         self._round_index = acco["round_index"]
+        self._nonfinite_steps = acco.get("nonfinite_steps", 0)
+        self._nonfinite_in_a_row = acco.get("nonfinite_in_a_row", 0)
         for record in acco["open_metrics"]:
             self.metrics._open[record["step"] - 1] = StepMetrics(**record)
         self.loaded_acco_state = True
         self.loaded_engine_micro_steps = acco.get("engine_micro_steps")
 
+    def before_checkpoint_load(self) -> None:
+        """Called by ``AccoEngine.load_checkpoint`` before DeepSpeed's load: wait for the round in flight.
+
+        Nothing else changes here, so a load that finds no checkpoint leaves training as it was.
+        A failed round is only logged: the load replaces the state it was writing.
+        """
+        try:
+            self.drain()
+        except AccoRoundError as err:
+            logger.warning(f"ACCO load: the round in flight failed; the checkpoint replaces its state: {err}")
+        self.loaded_acco_state = False
+        self.loaded_engine_micro_steps = None
+
     def after_checkpoint_load(self, global_steps: int) -> None:
-        """Called by ``AccoEngine.load_checkpoint``: without ACCO state, continue the step count.
+        """Called by ``AccoEngine.load_checkpoint`` after a load: without ACCO state, restart the pipeline.
 
         A plain ZeRO-1 checkpoint, ``load_module_only`` or ``load_optimizer_states=False`` leave
-        the pipeline fresh; the committed-step counter (``StepMetrics.step``) then follows the
-        engine's ``global_steps`` and the shadows the loaded parameters.
+        the pipeline fresh, from the loaded parameters (as at the start of training); the
+        committed-step counter (``StepMetrics.step``) then follows the engine's ``global_steps``.
         """
         if self.loaded_acco_state:
             if self._step != global_steps:
                 logger.warning(f"ACCO load: the ACCO state counts {self._step} committed steps, the engine "
                                f"{global_steps}")
             return
+        self._discard_pipeline()
+        self._nonfinite_in_a_row = 0
         self._step = global_steps
         self._round_index = global_steps * (2 if self._mode == "acco" else 1)
         for live, shadow in zip(self.bit16_groups_flat, self._shadows):

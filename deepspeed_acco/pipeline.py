@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import queue
+import re
 import threading
 import time
 import traceback
@@ -45,6 +46,7 @@ __all__ = [
     "RoundHandle",
     "ShardedRound",
     "AccoCommWorker",
+    "describe_round_error",
 ]
 
 
@@ -54,6 +56,30 @@ class AccoRoundError(RuntimeError):
 
 class AccoRoundTimeout(AccoRoundError):
     """A round did not finish within ``acco.round_timeout_s`` (a dead or stalled peer)."""
+
+
+_PEER_FAILURE_MARKERS = ("connection closed by peer", "connection reset", "broken pipe", "timed out",
+                         "connection refused", "socket closed")
+
+
+def describe_round_error(err: BaseException) -> str:
+    """One line naming what went wrong in a round, with the likely cause when a peer failed.
+
+    gloo reports a peer that died as ``Connection closed by peer [addr]:port`` (at once: the kernel
+    closes a dead process's sockets) and a silent peer as a timeout of ACCO's process group
+    (``acco.round_timeout_s``). Both are collective failures caused by another rank, so the line says so.
+    """
+    text = str(err).strip()
+    first = text.splitlines()[0] if text else ""
+    first = re.sub(r"^\[[^\]]*\.(?:cc|cpp|h):\d+\]\s*", "", first)  # gloo's source location prefix
+    line = f"{type(err).__name__}: {first}" if first else type(err).__name__
+    lowered = text.lower()
+    if any(marker in lowered for marker in _PEER_FAILURE_MARKERS):
+        peer = re.search(r"\[[0-9a-fA-F.:]+\]:\d+", text)
+        who = f"the peer at {peer.group(0)}" if peer else "a peer rank"
+        line += (f" -- {who} of ACCO's process group died, exited or stalled during the round's collectives "
+                 "(a silent peer is waited for at most acco.round_timeout_s). Check the other ranks' logs.")
+    return line
 
 
 class RoundKind(enum.Enum):
@@ -109,13 +135,15 @@ class RoundHandle:
     _finished: threading.Event = field(default_factory=threading.Event)
     _result: RoundResult | None = None
     _error: str | None = None
+    _cause: str = ""
 
     def _set_result(self, result: RoundResult) -> None:
         self._result = result
         self._finished.set()
 
-    def _set_error(self, message: str) -> None:
+    def _set_error(self, message: str, cause: str = "") -> None:
         self._error = message
+        self._cause = cause
         self._finished.set()
 
     def done(self) -> bool:
@@ -141,7 +169,8 @@ class RoundHandle:
                 "acco.round_timeout_s if rounds are legitimately this slow.")
         if self._error is not None:
             raise AccoRoundError(f"ACCO round {self.spec.index} ({self.spec.kind.value} of step "
-                                 f"{self.spec.step}) failed in the background thread:\n{self._error}")
+                                 f"{self.spec.step}) failed in the background thread: {self._cause}"
+                                 f"\nWorker traceback:\n{self._error}")
         assert self._result is not None, "a finished round has a result or an error"
         if self._result.done_event is not None:
             torch.cuda.current_stream().wait_event(self._result.done_event)
@@ -319,8 +348,8 @@ class AccoCommWorker:
                 return
             try:
                 handle._set_result(self._run_round(handle.spec))
-            except BaseException:  # noqa: BLE001 - every error must reach the training thread
-                handle._set_error(traceback.format_exc())
+            except BaseException as err:  # noqa: BLE001 - every error must reach the training thread
+                handle._set_error(traceback.format_exc(), describe_round_error(err))
 
     @property
     def alive(self) -> bool:
