@@ -1,0 +1,334 @@
+"""One rank of the ACCO benchmark: train the same small GPT-2 with several methods, one after another.
+
+Launched by ``benchmarks/run.py`` once per fake host (network namespace), with the ``env://``
+rendezvous variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) that
+``deepspeed.init_distributed`` reads. It also runs unchanged under a launcher on real nodes::
+
+    deepspeed --hostfile hostfile benchmarks/worker.py --methods zero1,acco,dpu,acco_adaptive \\
+        --steps 40 --out results.json
+
+Each case (method) builds a fresh model from the same seed and trains it for ``--steps`` committed
+optimizer steps on the same byte-level stdlib text stream (``examples/train_lm.py`` builders), so
+zero1, acco and dpu see the same batch and the same tokens; ``acco_adaptive`` commits the same number
+of steps with more tokens (fast ranks accumulate while the round is in flight). Per step it records
+the wall-clock time between commits, compute time, round time, exposed waiting, the local loss, and
+the interface's transmitted bytes (``/proc/net/dev``, the rank's ``eth0`` or ``--iface``). Rank 0
+writes the raw per-rank records as JSON to ``--out``; ``run.py`` turns them into the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import resource
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))
+
+import torch  # noqa: E402
+
+__all__ = ["METHODS", "build_config", "main", "parse_args", "read_tx_bytes"]
+
+METHODS = ("zero1", "acco", "dpu", "acco_adaptive")
+"""Cases a worker can run: ds_configs/zero1.json, acco.json, dpu.json, and acco.json with adaptive accumulation."""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """Command-line arguments."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--methods", default="zero1,acco,dpu,acco_adaptive",
+                   help=f"comma-separated cases, run in this order; any of {', '.join(METHODS)}")
+    p.add_argument("--steps", type=int, default=20, help="committed optimizer steps per case")
+    p.add_argument("--preset", default="tiny", help="examples/train_lm.py model preset")
+    p.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default: the preset's)")
+    p.add_argument("--micro_batch", type=int, default=8, help="train_micro_batch_size_per_gpu")
+    p.add_argument("--ga", type=int, default=4, help="gradient_accumulation_steps (even, for acco)")
+    p.add_argument("--max_micro_factor", type=int, default=4,
+                   help="adaptive: acco.max_micro_batches_per_round = factor x (ga/2)")
+    p.add_argument("--eval_batches", type=int, default=8, help="held-out micro-batches (split over ranks)")
+    p.add_argument("--probe_s", type=float, default=0.0,
+                   help="seconds of a standalone compute probe (fwd+bwd, no communication) before training")
+    p.add_argument("--iface", default="eth0", help="interface whose tx bytes are counted (/proc/net/dev)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
+    p.add_argument("--timeout_s", type=float, default=300.0, help="process-group and ACCO round timeout")
+    p.add_argument("--out", default=None, help="rank 0 writes the JSON records here")
+    p.add_argument("--local_rank", type=int, default=-1, help="passed by the deepspeed launcher; unused")
+    args = p.parse_args(argv)
+    args.method_list = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in args.method_list if m not in METHODS]
+    if unknown:
+        p.error(f"unknown method(s) {unknown}; choose from {METHODS}")
+    return args
+
+
+def build_config(method: str, args: argparse.Namespace) -> dict[str, Any]:
+    """The DeepSpeed config of a case: the repository's ds_configs file with this run's batch shape."""
+    name = {"zero1": "zero1", "acco": "acco", "dpu": "dpu", "acco_adaptive": "acco"}[method]
+    config: dict[str, Any] = json.loads((ROOT / "ds_configs" / f"{name}.json").read_text())
+    config["train_micro_batch_size_per_gpu"] = args.micro_batch
+    config["gradient_accumulation_steps"] = args.ga
+    config.pop("train_batch_size", None)
+    if method == "acco_adaptive":
+        config["acco"]["adaptive_accumulation"] = True
+        config["acco"]["max_micro_batches_per_round"] = args.max_micro_factor * max(1, args.ga // 2)
+    if "acco" in config:
+        config["acco"]["round_timeout_s"] = args.timeout_s
+    return config
+
+
+def read_tx_bytes(iface: str) -> int:
+    """Bytes transmitted so far by ``iface`` in this network namespace (0 when it does not exist)."""
+    for line in Path("/proc/net/dev").read_text().splitlines()[2:]:
+        name, _, data = line.partition(":")
+        if name.strip() == iface:
+            return int(data.split()[8])
+    return 0
+
+
+def _reset_peak_rss() -> None:
+    """Reset this process's VmHWM (Linux ``clear_refs`` 5) so the next peak is per case."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_rss_mb() -> float:
+    """VmHWM since the last reset, in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def thread_cpu_s() -> dict[str, float]:
+    """CPU seconds (user + system) used so far by each thread of this process, summed by thread name."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[str, float] = {}
+    main_tid = str(os.getpid())
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+            name = "main" if task.name == main_tid else (task / "comm").read_text().strip()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
+def _model_args(args: argparse.Namespace) -> SimpleNamespace:
+    """The attribute bag examples/train_lm.py's builders read."""
+    return SimpleNamespace(model=None, preset=args.preset, arch="gpt2", seq_len=args.seq_len, seed=args.seed,
+                           dataset=None, dataset_config=None, text_column="text", stdlib_root=None,
+                           heldout_pct=5.0, tokenizer="byte", bpe_vocab_size=4096, cache_dir=None)
+
+
+def probe_rate(args: argparse.Namespace, corpus: Any, seconds: float, warmup_s: float = 1.5) -> dict[str, float]:
+    """Standalone compute rate of this worker through the training stack, with no communication.
+
+    A ZeRO-1 engine whose gradient accumulation never reaches a boundary: forward, backward and
+    ``engine.step()`` of micro-batches exactly as in training, minus the rounds. The first
+    ``warmup_s`` seconds are not counted. Both ranks run it at the same time (each on its own core).
+    """
+    import train_lm
+    from deepspeed import comm as dist
+
+    import deepspeed_acco
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = train_lm.build_model(_model_args(args), corpus.vocab_size, corpus.eot_id)
+    config = build_config("zero1", args)
+    config["gradient_accumulation_steps"] = 1_000_000
+    engine, _, _, _ = deepspeed_acco.initialize(model=model, model_parameters=model.parameters(), config=config)
+    windows = train_lm.ShardedWindows(corpus.train, args.seq_len, args.micro_batch, rank, world, args.seed)
+    batches = [windows[i].to(engine.device) for i in range(8)]
+    dist.barrier()
+    engine.train()
+    done, start, warm = 0, time.perf_counter(), True
+    while True:
+        ids = batches[done % len(batches)]
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+        done += 1
+        now = time.perf_counter()
+        if warm and now - start >= warmup_s and done >= 2:
+            warm, done, start = False, 0, now
+        elif not warm and now - start >= seconds and done >= 3:
+            break
+    elapsed = time.perf_counter() - start
+    dist.barrier()
+    engine.destroy()
+    return {"micro_batches": done, "seconds": elapsed, "micro_batch_s": elapsed / done,
+            "samples_per_s": done * args.micro_batch / elapsed}
+
+
+def run_case(method: str, args: argparse.Namespace, corpus: Any, eval_set: list[torch.Tensor],
+             target_tokens: int) -> dict[str, Any]:
+    """Train one case; return this rank's raw records."""
+    import train_lm
+    from deepspeed import comm as dist
+
+    import deepspeed_acco
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model = train_lm.build_model(_model_args(args), corpus.vocab_size, corpus.eot_id)
+    config = build_config(method, args)
+    engine, _, _, _ = deepspeed_acco.initialize(model=model, model_parameters=model.parameters(), config=config)
+    acco = deepspeed_acco.get_acco_config(config).enabled
+    windows = train_lm.ShardedWindows(corpus.train, args.seq_len, args.micro_batch, rank, world, args.seed)
+    tokens_per_micro = args.micro_batch * args.seq_len
+    n_params = sum(p.numel() for p in engine.module.parameters())
+
+    gc.collect()
+    dist.barrier()
+    _reset_peak_rss()
+    tx0 = read_tx_bytes(args.iface)
+    cpu0 = thread_cpu_s()
+    t0 = time.perf_counter()
+    paused = 0.0
+    commit_t: list[float] = []  # training-thread time (pauses excluded) at each commit
+    step_loss: list[float] = []
+    step_local_micro: list[int] = []
+    micro_s: list[list[float]] = []  # zero1: per step, fwd+bwd+step time of each micro-batch
+    micro_boundary_s: list[float] = []
+    records: list[dict[str, Any]] = []
+    mid_eval: dict[str, Any] | None = None
+    paused_steps: list[int] = []
+    loss_sum, local_micro, position = 0.0, 0, 0
+    current: list[float] = []
+    engine.train()
+    while engine.global_steps < args.steps:
+        batch = windows[position].to(engine.device)
+        position += 1
+        m0 = time.perf_counter()
+        loss = engine(input_ids=batch, labels=batch).loss
+        engine.backward(loss)
+        before = engine.global_steps
+        engine.step()
+        m1 = time.perf_counter()
+        loss_sum += float(loss.detach())
+        local_micro += 1
+        if engine.global_steps == before:
+            current.append(m1 - m0)
+            continue
+        micro_s.append(current)
+        micro_boundary_s.append(m1 - m0)
+        current = []
+        commit_t.append(m1 - t0 - paused)
+        step_loss.append(loss_sum / local_micro)
+        step_local_micro.append(local_micro)
+        loss_sum, local_micro = 0.0, 0
+        records += [r.as_dict() for r in deepspeed_acco.pop_metrics(engine)]
+        if method == "acco_adaptive" and mid_eval is None and records \
+                and sum(r["micro_batches"] for r in records) * tokens_per_micro >= target_tokens:
+            # Held-out loss once this run has consumed ZeRO-1's token budget (equal-token comparison).
+            p0, txp = time.perf_counter(), read_tx_bytes(args.iface)
+            value, _ = train_lm.evaluate(engine, eval_set, (0.0, 0))
+            records += [r.as_dict() for r in deepspeed_acco.pop_metrics(engine)]
+            mid_eval = {"step": engine.global_steps, "eval_loss": value,
+                        "tokens": sum(r["micro_batches"] for r in records) * tokens_per_micro}
+            paused += time.perf_counter() - p0
+            paused_steps.append(engine.global_steps + 1)  # the pipeline refills in the next step
+            tx0 += read_tx_bytes(args.iface) - txp
+    deepspeed_acco.flush(engine)
+    records += [r.as_dict() for r in deepspeed_acco.pop_metrics(engine)]
+    train_s = time.perf_counter() - t0 - paused
+    tx = read_tx_bytes(args.iface) - tx0
+    cpu1 = thread_cpu_s()
+    thread_cpu = {name: cpu1[name] - cpu0.get(name, 0.0) for name in cpu1}
+    peak_rss = _peak_rss_mb()
+    final_eval, _ = train_lm.evaluate(engine, eval_set, (0.0, 0))
+    out = {
+        "method": "zero1" if method == "zero1" else ("dpu" if method == "dpu" else "acco"),
+        "case": method, "adaptive_accumulation": method == "acco_adaptive", "rank": rank, "world_size": world,
+        "acco": acco, "steps": engine.global_steps, "n_params": n_params, "micro_batch": args.micro_batch,
+        "ga": args.ga, "seq_len": args.seq_len, "tokens_per_micro_batch": tokens_per_micro,
+        "commit_t": commit_t, "train_s": train_s, "step_loss": step_loss, "step_local_micro": step_local_micro,
+        "micro_s": micro_s, "micro_boundary_s": micro_boundary_s, "records": records, "tx_bytes": tx,
+        "thread_cpu_s": thread_cpu,
+        "peak_rss_mb": peak_rss, "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "final_eval_loss": final_eval, "mid_eval": mid_eval, "paused_steps": paused_steps,
+        "comm_dtype": str(getattr(engine.optimizer, "communication_data_type", "")),
+    }
+    engine.destroy()
+    del engine, model
+    gc.collect()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Initialise the process group, run every case, gather the ranks' records, write them (rank 0)."""
+    args = parse_args(argv)
+    if not torch.cuda.is_available():
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    torch.set_num_threads(args.threads)
+    import deepspeed
+    import train_lm
+    from deepspeed import comm as dist
+
+    import deepspeed_acco
+
+    train_lm.quiet_known_warnings()
+    if args.seq_len is None:
+        args.seq_len = train_lm.PRESETS[args.preset].seq_len
+    from deepspeed.accelerator import get_accelerator
+
+    on_cpu = get_accelerator().device_name() == "cpu"
+    if on_cpu:
+        deepspeed_acco.disable_cpu_shm_build()
+    else:
+        get_accelerator().set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    deepspeed.init_distributed(dist_backend="gloo" if on_cpu else None, timeout=timedelta(seconds=args.timeout_s))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    corpus = train_lm.build_corpus(_model_args(args))
+    eval_set = train_lm.heldout_batches(corpus.heldout, args.eval_batches, args.micro_batch, args.seq_len)
+    target_tokens = args.steps * args.ga * args.micro_batch * world * args.seq_len
+
+    probe = None
+    if args.probe_s > 0:
+        probe = probe_rate(args, corpus, args.probe_s)
+        gc.collect()
+
+    cases = []
+    for method in args.method_list:
+        random.seed(args.seed)
+        t = time.perf_counter()
+        case = run_case(method, args, corpus, eval_set, target_tokens)
+        case["case_wall_s"] = time.perf_counter() - t
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, case)
+        cases.append({"method": case["method"], "case": method, "ranks": gathered,
+                      "max_micro_batches_per_round": build_config(method, args).get("acco", {}).get(
+                          "max_micro_batches_per_round")})
+        if rank == 0:
+            print(f"[worker] {method}: {case['steps']} steps in {case['train_s']:.1f} s, "
+                  f"held-out loss {case['final_eval_loss']:.4f}", flush=True)
+    probes: list[Any] = [None] * world
+    dist.all_gather_object(probes, probe)
+    if rank == 0 and args.out:
+        Path(args.out).write_text(json.dumps({"cases": cases, "probe": probes, "args": vars(args)}) + "\n")
+    dist.barrier()
+    return 0
+
+
+if __name__ == "__main__":
+    code = main()
+    # Leave without the interpreter's teardown: once (1 launch in ~20) a rank aborted there with
+    # "terminate called without an active exception" after its results were written (C++ threads of
+    # gloo / the ACCO worker destroyed at exit). Everything is written and synchronized by now.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
