@@ -313,8 +313,15 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         return self.metrics.pop()
 
     def destroy(self) -> None:
-        """Stop the worker thread (after the round in flight), then DeepSpeed's own clean-up."""
+        """Stop the worker thread (after the round in flight), free ACCO's process group, then DeepSpeed's clean-up.
+
+        The group is destroyed only once the thread has stopped: a thread still blocked in one of its
+        collectives (a dead peer) keeps it, and the process exits with it as before.
+        """
         self._worker.shutdown()
+        if not self._worker.alive and self._acco_group is not None:
+            torch_dist.destroy_process_group(self._acco_group)
+            self._acco_group = None
         super().destroy()
 
     # ------------------------------------------------------------------ checkpoints
