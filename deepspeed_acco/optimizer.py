@@ -298,6 +298,10 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
             self._finish_round(result, load=kind is RoundKind.COMMIT)
         if self._micro:
             logger.warning(f"ACCO flush: dropping {self._micro} micro-batch(es) accumulated since the last boundary")
+        self._restart_pipeline()
+
+    def _restart_pipeline(self) -> None:
+        """Empty the accumulation buffers and the round state: the next micro-batch starts a new step."""
         self.metrics.discard_open()
         for bufs in self._buffers:
             for buf in bufs:
@@ -417,8 +421,8 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
             "micro": self._micro,
             "commit_pending": self._commit_pending,
             "next_kind": self._next_kind.value,
-            "nonfinite_steps": getattr(self, "_nonfinite_steps", 0),
-            "nonfinite_in_a_row": getattr(self, "_nonfinite_in_a_row", 0),
+            "nonfinite_steps": self._nonfinite_steps,
+            "nonfinite_in_a_row": self._nonfinite_in_a_row,
             "live": self._saved_partitions(live),
             "pending": pending,
             "carried": [t.detach().cpu().clone() for t in carried] if carried is not None else None,
@@ -448,15 +452,7 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
                 handle.wait(self._timeout_s)
             except AccoRoundError as err:  # the load replaces the state the round was writing
                 logger.warning(f"ACCO load: discarding a failed round in flight: {err}")
-        for bufs in self._buffers:
-            for buf in bufs:
-                buf.zero_()
-        self._round.reset()
-        self.metrics.discard_open()
-        self._micro = 0
-        self._commit_pending = False
-        self._next_kind = RoundKind.ESTIMATE if self._mode == "acco" else RoundKind.COMMIT
-        self._half_start = time.perf_counter()
+        self._restart_pipeline()
         self.loaded_acco_state = False
         self.loaded_engine_micro_steps = None
 

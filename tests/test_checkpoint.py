@@ -357,13 +357,18 @@ def test_zero_to_fp32_gives_committed_weights(saved: dict[str, Any], ckpt_root: 
         assert _bitwise(converted, committed)
 
 
+def _loaded_diffs(run: dict[str, Any], at_save: dict[str, Any]) -> tuple[float, float]:
+    """Max |diff| of the parameters and of the optimizer state right after a load, against the saved ones."""
+    after = run["after_load"]
+    return _max_diff(after["params"], at_save["committed"]), _state_diff(after["state"], at_save["state"])
+
+
 @pytest.mark.timeout(200)
 def test_plain_zero1_checkpoint_loads_into_acco(saved: dict[str, Any], resumed: dict[str, Any]) -> None:
     """A plain ZeRO-1 checkpoint loads into an ACCO run: same params and optimizer state, training goes on."""
     for rank in range(WORLD):
-        run, at_save = resumed["plain_into_acco"][rank], saved["plain_saving"][rank]["saved"]["step3"]
-        pdiff = _max_diff(run["after_load"]["params"], at_save["committed"])
-        sdiff = _state_diff(run["after_load"]["state"], at_save["state"])
+        run = resumed["plain_into_acco"][rank]
+        pdiff, sdiff = _loaded_diffs(run, saved["plain_saving"][rank]["saved"]["step3"])
         print(f"MIGRATE plain->acco rank {rank}: params max |diff| {pdiff:.3e}, optimizer state max |diff| "
               f"{sdiff:.3e}; losses after {run['losses'][:2]}...; metric steps {run['metric_steps']}")
         assert pdiff == 0.0 and sdiff == 0.0
@@ -420,9 +425,8 @@ def test_acco_checkpoint_loads_into_plain_zero1(saved: dict[str, Any], resumed: 
     """An ACCO checkpoint loads into plain ZeRO-1 with the committed params and optimizer state; the plain run
     then trains exactly as synchronous ZeRO-1 from those weights and AdamW state (single-process check)."""
     for rank in range(WORLD):
-        run, at_save = resumed["acco_into_plain"][rank], saved["acco_saving"][rank]["saved"]["step3"]
-        pdiff = _max_diff(run["after_load"]["params"], at_save["committed"])
-        sdiff = _state_diff(run["after_load"]["state"], at_save["state"])
+        run = resumed["acco_into_plain"][rank]
+        pdiff, sdiff = _loaded_diffs(run, saved["acco_saving"][rank]["saved"]["step3"])
         print(f"MIGRATE acco->plain rank {rank}: params max |diff| {pdiff:.3e}, optimizer state max |diff| "
               f"{sdiff:.3e}; engine {run['engine']}")
         assert pdiff == 0.0 and sdiff == 0.0 and run["engine"] == "DeepSpeedEngine"
