@@ -25,6 +25,7 @@ import deepspeed.runtime.engine as ds_engine_module
 from deepspeed import comm as dist
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.pipe.module import PipelineModule
+from deepspeed.runtime.zero.utils import ZeRORuntimeException
 from deepspeed.utils import logger
 
 from deepspeed_acco.config import (
@@ -167,12 +168,29 @@ class AccoEngine(DeepSpeedEngine):
         """DeepSpeed's load; ACCO's pipeline resumes where the checkpoint's run was.
 
         With an ACCO checkpoint (same mode, GA and world size) training continues exactly as the
-        run that saved it. With a plain ZeRO-1 checkpoint (or ``load_module_only``) the pipeline
-        restarts from the loaded parameters and the committed-step count follows ``global_steps``.
+        run that saved it. With a plain ZeRO-1 checkpoint, a universal checkpoint (another world
+        size) or ``load_module_only`` the pipeline restarts from the loaded parameters and the
+        committed-step count follows ``global_steps``.
+
+        Raises:
+            RuntimeError: the checkpoint was saved at another world size and is not universal; the
+                message gives the conversion command.
         """
         optimizer = self.acco_optimizer
         optimizer.before_checkpoint_load()
-        load_path, client_state = super().load_checkpoint(load_dir, tag=tag, **kwargs)
+        try:
+            load_path, client_state = super().load_checkpoint(load_dir, tag=tag, **kwargs)
+        except ZeRORuntimeException as err:
+            if "world size" not in str(err):
+                raise
+            latest = os.path.join(load_dir, "latest")
+            shown = tag or (open(latest).read().strip() if os.path.isfile(latest) else "TAG")
+            raise RuntimeError(
+                f"{err} To resume at another world size, convert the checkpoint to a universal one and load that: "
+                f"python -m deepspeed.checkpoint.ds_to_universal --input_folder {load_dir}/{shown} --output_folder "
+                f"{load_dir}/{shown}_universal --inject_missing_state, then set \"checkpoint\": "
+                f"{{\"load_universal\": true}} in the DeepSpeed config and load tag {shown}_universal "
+                "(README, Checkpoints).") from err
         if load_path is not None:
             optimizer.after_checkpoint_load(self.global_steps)
             if optimizer.loaded_engine_micro_steps is not None:

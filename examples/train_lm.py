@@ -27,6 +27,12 @@ Launch (2 ranks on CPU; the same command with a DeepSpeed config without "acco" 
     deepspeed --num_gpus 2 examples/train_lm.py ... --max_steps 30 --save_every 10 --output_dir runs/a
     deepspeed --num_gpus 2 examples/train_lm.py ... --max_steps 60 --save_every 10 --output_dir runs/a --resume
 
+    # ... or continue on 3 ranks: convert the checkpoint to a universal one first
+    python -m deepspeed.checkpoint.ds_to_universal --input_folder runs/a/checkpoints/step30 \\
+        --output_folder runs/a/checkpoints/step30_universal --inject_missing_state
+    deepspeed --num_gpus 3 examples/train_lm.py ... --max_steps 60 --output_dir runs/a \\
+        --resume runs/a/checkpoints/step30_universal
+
 ``torchrun --nproc_per_node 2 examples/train_lm.py --deepspeed_config ...`` works as well.
 
 Outputs (rank 0 writes them into ``--output_dir``):
@@ -84,8 +90,10 @@ __all__ = [
     "heldout_batches",
     "is_heldout",
     "main",
+    "is_universal_checkpoint",
     "quiet_known_warnings",
     "rank_zero_first",
+    "resume_position",
     "share_cpu_cores",
     "stdlib_documents",
 ]
@@ -117,6 +125,7 @@ class ModelPreset:
 
 PRESETS: dict[str, ModelPreset] = {
     "tiny": ModelPreset(n_layer=2, d_model=128, n_head=4, seq_len=128),  # ~0.4 M params: 2 CPU cores, minutes
+    "mid": ModelPreset(n_layer=4, d_model=256, n_head=4, seq_len=256),  # ~3.3 M: between tiny and small
     "small": ModelPreset(n_layer=6, d_model=384, n_head=6, seq_len=256),  # ~11 M: a laptop or one GPU
     "gpt2-125m": ModelPreset(n_layer=12, d_model=768, n_head=12, seq_len=1024),  # GPT-2 small shape: GPUs
 }
@@ -396,7 +405,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--save_every", type=int, default=0, help="checkpoint every N steps into OUTPUT/checkpoints")
     p.add_argument("--resume", nargs="?", const="auto", default=None,
                    help="continue from a checkpoint: no value = the latest in OUTPUT/checkpoints; or a checkpoint "
-                        "directory (with a 'latest' file) or one tag directory of it")
+                        "directory (with a 'latest' file) or one tag directory of it; at another world size, a tag "
+                        "converted by deepspeed.checkpoint.ds_to_universal (load_universal is then set)")
     p.add_argument("--output_dir", default="runs/train_lm")
     p.add_argument("--no_progress", action="store_true", help="no tqdm bar")
     p = deepspeed.add_config_arguments(p)
@@ -550,13 +560,14 @@ def _fresh_state() -> dict[str, Any]:
     return {"samples": 0, "wall_s": 0.0, "train_s": 0.0, "initial_eval_loss": None}
 
 
-def _resume(engine: Any, args: argparse.Namespace) -> tuple[dict[str, Any], int, int | None]:
+def _resume(engine: Any, args: argparse.Namespace,
+            found: tuple[str, str | None] | None) -> tuple[dict[str, Any], int, int | None]:
     """Load the ``--resume`` checkpoint: (running totals, this rank's micro-batch position, step), or a fresh start.
 
-    Every rank's data position is in the checkpoint, so each rank continues its own shard of the stream.
+    Every rank's data position is in the checkpoint. At the world size it was saved with, each rank
+    continues its own shard of the stream; at another one (a universal checkpoint) see ``resume_position``.
     """
     rank, world = dist.get_rank(), dist.get_world_size()
-    found = _find_checkpoint(args)
     if found is None:
         if rank == 0:
             print(f"--resume: no checkpoint under {Path(args.output_dir) / 'checkpoints'}; starting from scratch",
@@ -566,11 +577,37 @@ def _resume(engine: Any, args: argparse.Namespace) -> tuple[dict[str, Any], int,
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load a checkpoint from {found}")
     positions = client["data_position"]["micro_batches_per_rank"]
-    local_micro = positions[rank] if len(positions) == world else sum(positions) // world
+    local_micro = resume_position(positions, rank, world)
     state = {k: client[k] for k in _fresh_state()}
     if rank == 0:
-        print(f"resumed from {path} at step {engine.global_steps}", flush=True)
+        moved = "" if len(positions) == world else \
+            f" (saved by {len(positions)} ranks at micro-batches {positions}; resuming every rank at {local_micro})"
+        print(f"resumed from {path} at step {engine.global_steps}{moved}", flush=True)
     return state, local_micro, engine.global_steps
+
+
+def resume_position(positions: list[int], rank: int, world: int) -> int:
+    """This rank's micro-batch position after a resume; ``positions`` are the saving ranks' positions.
+
+    Rank ``r``'s micro-batch ``i`` holds the stream's windows ``(i * world + r) * batch + j`` (see
+    ``ShardedWindows``), so a job of ``W`` ranks that each read ``p`` micro-batches has read the first
+    ``p * W`` micro-batches' worth of windows. At the same world size each rank continues at its own
+    position. At another world size ``W'`` every rank continues at ``ceil(max(p) * W / W')``: no window
+    of the epoch is read twice, and fewer than ``W'`` micro-batches' worth are skipped.
+    """
+    if len(positions) == world:
+        return positions[rank]
+    return -(-max(positions) * len(positions) // world)
+
+
+def is_universal_checkpoint(found: tuple[str, str | None] | None) -> bool:
+    """Whether the checkpoint tag that ``--resume`` names was converted by ``ds_to_universal`` (a ``zero/`` folder)."""
+    if found is None:
+        return False
+    load_dir, tag = found
+    if tag is None:
+        tag = (Path(load_dir) / "latest").read_text().strip()
+    return (Path(load_dir) / tag / "zero").is_dir()
 
 
 def _find_checkpoint(args: argparse.Namespace) -> tuple[str, str | None] | None:
@@ -630,12 +667,15 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         corpus = build_corpus(args)
     model = build_model(args, corpus.vocab_size, corpus.eot_id)
     config = load_ds_config(args)
+    found = _find_checkpoint(args) if args.resume else None
+    if is_universal_checkpoint(found):  # resuming at another world size (README, "Checkpoints")
+        config.setdefault("checkpoint", {})["load_universal"] = True
     engine, _, _, _ = deepspeed_acco.initialize(model=model, model_parameters=model.parameters(), config=config)
     acco = deepspeed_acco.get_acco_config(config)
     micro_batch, ga = engine.train_micro_batch_size_per_gpu(), engine.gradient_accumulation_steps()
     n_params = sum(p.numel() for p in engine.module.parameters())
 
-    state, local_micro, resumed_step = _resume(engine, args) if args.resume else (_fresh_state(), 0, None)
+    state, local_micro, resumed_step = _resume(engine, args, found) if args.resume else (_fresh_state(), 0, None)
     windows = ShardedWindows(corpus.train, args.seq_len, micro_batch, rank, world, args.seed)
     eval_set = heldout_batches(corpus.heldout, args.eval_batches, micro_batch, args.seq_len) \
         if args.eval_batches > 0 else []

@@ -47,7 +47,7 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["Mode", "reference_train", "rounds_per_step"]
+__all__ = ["ESTIMATES", "Mode", "Simulator", "estimate_gradient", "reference_train", "rounds_per_step"]
 
 Mode = Literal["sync", "acco", "dpu"]
 
@@ -66,7 +66,7 @@ def rounds_per_step(mode: Mode) -> int:
     raise ValueError(f"unknown mode {mode!r}")
 
 
-class _Simulator:
+class Simulator:
     """State of the simulated data-parallel job: the model, the master weights, AdamW."""
 
     def __init__(
@@ -100,6 +100,7 @@ class _Simulator:
             iter(rank_batches) for rank_batches in batches
         ]
         self.consumed = [0] * self.num_ranks
+        self._losses: list[float] = []
 
     def _lr_at(self, step: int) -> float:
         """Learning rate of committed step ``step``."""
@@ -117,6 +118,7 @@ class _Simulator:
             for p, value in zip(self.params, at, strict=True):
                 p.copy_(value)
         loss = self.loss_fn(self.work(x), y)
+        self._losses.append(float(loss.detach()))
         grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         return [
             torch.zeros_like(p, dtype=torch.float32)
@@ -145,6 +147,22 @@ class _Simulator:
                 for s, g in zip(sums, self._micro_grad(at, x, y), strict=True):
                     s.add_(g)
         return sums, sum(per_rank)
+
+    def load_flat_state(self, state: dict[str, Any]) -> None:
+        """Set the master weights and AdamW's moments and step count from flat vectors (parameter order)."""
+        sizes = [m.numel() for m in self.master]
+        pieces = {k: torch.split(state[k].float(), sizes) for k in ("flat", "exp_avg", "exp_avg_sq")}
+        with torch.no_grad():
+            for i, m in enumerate(self.master):
+                m.copy_(pieces["flat"][i].view_as(m))
+                self.opt.state[m] = {"step": torch.tensor(float(state["step"])),
+                                     "exp_avg": pieces["exp_avg"][i].view_as(m).clone(),
+                                     "exp_avg_sq": pieces["exp_avg_sq"][i].view_as(m).clone()}
+
+    def last_losses_mean(self) -> float:
+        """Mean micro-batch loss since the previous call (nan if none)."""
+        losses, self._losses = self._losses, []
+        return sum(losses) / len(losses) if losses else float("nan")
 
     def _clip(self, grads: list[torch.Tensor]) -> list[torch.Tensor]:
         """Clip by global L2 norm with DeepSpeed ZeRO's formula."""
@@ -198,6 +216,56 @@ class _Simulator:
         }
 
 
+def _bias_corrected_momentum(sim: Simulator) -> list[torch.Tensor] | None:
+    """AdamW's first moment, bias-corrected (an estimate of the averaged gradient); None before step 1."""
+    beta1 = sim.opt.param_groups[0]["betas"][0]
+    out = []
+    for m in sim.master:
+        state = sim.opt.state.get(m)
+        if not state:
+            return None
+        step = float(state["step"])
+        out.append(state["exp_avg"] / (1.0 - beta1 ** step))
+    return out
+
+
+def _estimate_paper(sim: Simulator, sums: list[torch.Tensor], count: int, step: int) -> tuple[list[torch.Tensor], int]:
+    return sums, count
+
+
+def _estimate_momentum_half(sim: Simulator, sums: list[torch.Tensor], count: int,
+                            step: int) -> tuple[list[torch.Tensor], int]:
+    """The unseen half of the batch predicted by the momentum: 0.5 * clip(G~ mean) + 0.5 * m_hat."""
+    momentum = _bias_corrected_momentum(sim)
+    if momentum is None:
+        return sums, count
+    half = sim._clip([s / count for s in sums])
+    return [(0.5 * h + 0.5 * m) * count for h, m in zip(half, momentum, strict=True)], count
+
+
+def _estimate_momentum(sim: Simulator, sums: list[torch.Tensor], count: int,
+                       step: int) -> tuple[list[torch.Tensor], int]:
+    """No gradient: the next step's gradient predicted by the bias-corrected momentum alone."""
+    momentum = _bias_corrected_momentum(sim)
+    if momentum is None:
+        return sums, count
+    return [m * count for m in momentum], count
+
+
+ESTIMATES: dict[str, Callable[..., tuple[list[torch.Tensor], int]]] = {
+    "paper": _estimate_paper,
+    "momentum_half": _estimate_momentum_half,
+    "momentum": _estimate_momentum,
+}
+"""How the estimate round forms its gradient from G~_t (sum, count); see ``estimate_gradient``."""
+
+
+def estimate_gradient(name: str, sim: Simulator, sums: list[torch.Tensor], count: int,
+                      step: int) -> tuple[list[torch.Tensor], int]:
+    """The (sums, count) the estimate round of committed step ``step`` steps with, under rule ``name``."""
+    return ESTIMATES[name](sim, sums, count, step)
+
+
 def _check_counts(
     counts: list[list[int]] | None, num_rounds: int, num_ranks: int
 ) -> None:
@@ -227,6 +295,7 @@ def reference_train(
     weight_decay: float = 0.0,
     max_grad_norm: float = 0.0,
     counts: list[list[int]] | None = None,
+    initial_state: dict[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Simulate ``len(batches)`` data-parallel ranks and return the committed parameters.
 
@@ -248,6 +317,10 @@ def reference_train(
         counts: adaptive accumulation, ``counts[r][rank]`` micro-batches contributed by
             ``rank`` to round ``r`` (acco rounds are ``E0, C0, E1, C1, ...``); overrides
             ``k`` / ``GA``.
+        initial_state: start from a saved run instead of ``model``'s weights and a fresh AdamW:
+            ``{"flat": fp32 parameters, "exp_avg": ..., "exp_avg_sq": ...}`` (flat vectors in
+            ``model.named_parameters()`` order) and ``"step"`` (AdamW steps taken). The learning
+            rate stays indexed by the steps of this call.
 
     Returns:
         ``theta_T`` as ``name -> fp32 tensor`` in ``model.named_parameters()`` order.
@@ -275,9 +348,11 @@ def reference_train(
             return list(counts[r])
         return [per_round] * num_ranks
 
-    sim = _Simulator(
+    sim = Simulator(
         model, batches, loss_fn, lr, betas, eps, weight_decay, max_grad_norm
     )
+    if initial_state is not None:
+        sim.load_flat_state(initial_state)
 
     if mode == "sync":
         for t in range(num_steps):

@@ -6,6 +6,13 @@ method: no inherited threads or OpenMP pools), sets the ``env://`` rendezvous va
 the list of results. Any rank's exception fails the call with that rank's traceback; a rank that
 does not finish within ``timeout_s`` is killed and the call fails, so a hung collective never
 hangs the test run.
+
+``run_jobs_isolated`` runs several jobs one after the other in the same ranks (one spawn) and
+keeps each job's exception as a ``JobFailure`` instead of losing the whole spawn; ``job_result``
+then fails only the tests that read that job, with its traceback.
+
+``allow_cpu_fp16`` lets DeepSpeed run fp16 configs on CPUs whose mkldnn has no fp16 kernels
+(see the README's Tests section).
 """
 
 from __future__ import annotations
@@ -17,9 +24,11 @@ import queue
 import socket
 import traceback
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["free_port", "run_distributed", "init_rank"]
+__all__ = ["JobFailure", "allow_cpu_fp16", "cpu_fp16_probe", "free_port", "init_rank", "job_result",
+           "run_distributed", "run_jobs_isolated"]
 
 
 def free_port() -> int:
@@ -103,3 +112,64 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
         raise RuntimeError("\n".join(f"--- rank {r} failed:\n{tb}" for r, tb in sorted(errors.items())))
     merged = {**out, **errors}
     return [merged[r] for r in range(world_size)]
+
+
+@dataclass
+class JobFailure:
+    """A job that raised in one rank: the rank's traceback (the other jobs of the spawn still ran)."""
+
+    traceback: str
+
+
+def run_jobs_isolated(rank: int, world_size: int, fn: Callable[..., Any], jobs: list[tuple[Any, ...]]) -> list[Any]:
+    """In a rank: ``fn(rank, world_size, *job)`` for each job in order; a job's exception becomes its ``JobFailure``.
+
+    A refused config raises on every rank at ``initialize`` (before any collective), so the next job
+    starts cleanly. A job that fails on one rank only, inside a collective, leaves its peer waiting
+    until a timeout; the spawn's own timeout then fails the tests of that spawn.
+    """
+    out: list[Any] = []
+    for job in jobs:
+        try:
+            out.append(fn(rank, world_size, *job))
+        except Exception:  # noqa: BLE001 - the traceback is the job's result
+            out.append(JobFailure(traceback.format_exc()))
+    return out
+
+
+def job_result(runs: dict[str, list[Any]], name: str) -> list[Any]:
+    """The per-rank results of job ``name``; fails the calling test (only it) if the job raised on any rank."""
+    import pytest
+
+    failed = [(rank, res) for rank, res in enumerate(runs[name]) if isinstance(res, JobFailure)]
+    if failed:
+        rank, res = failed[0]
+        last = res.traceback.strip().splitlines()[-1]
+        pytest.fail(f"job {name!r} failed on rank {rank}: {last}\n{res.traceback}", pytrace=False)
+    return runs[name]
+
+
+def cpu_fp16_probe() -> bool:
+    """What DeepSpeed's CPU accelerator answers to ``is_fp16_supported()`` here (it asks mkldnn)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return bool(get_accelerator().is_fp16_supported())
+
+
+def allow_cpu_fp16() -> bool:
+    """Let DeepSpeed build fp16 engines on a CPU whose mkldnn lacks fp16 kernels; True if it had to.
+
+    DeepSpeed's CPU accelerator refuses ``"fp16": {"enabled": true}`` when
+    ``torch.ops.mkldnn._is_mkldnn_fp16_supported()`` is False (CPUs without AVX512-FP16/AMX-FP16).
+    That probe asks whether mkldnn has fast fp16 kernels; torch computes fp16 tensors on every CPU
+    (slower, through its reference kernels), and everything the fp16 tests check (loss scaling, the
+    overflow decision, skipped steps, resume) is DeepSpeed's and ACCO's own logic on those tensors.
+    Only the answer of this process's accelerator object changes; nothing else is patched.
+    """
+    from deepspeed.accelerator import get_accelerator
+
+    accel = get_accelerator()
+    if accel.device_name() != "cpu" or accel.is_fp16_supported():
+        return False
+    accel.is_fp16_supported = lambda: True
+    return True

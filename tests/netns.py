@@ -46,7 +46,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-__all__ = ["FakeHost", "FakeHosts", "NetnsUnavailable", "NSRSH", "cleanup_stale", "list_namespaces", "main"]
+__all__ = ["FakeHost", "FakeHosts", "NetnsUnavailable", "NSRSH", "cleanup_stale", "list_namespaces", "main",
+           "netns_pids"]
 
 NSRSH = Path(__file__).resolve().with_name("nsrsh.sh")
 """ssh-compatible agent that runs a command on a fake host (see ``FakeHosts.rsh_env``)."""
@@ -91,7 +92,7 @@ class FakeHost:
 
     def pids(self) -> list[int]:
         """Processes running in this host's network namespace."""
-        return _netns_pids(self.ns)
+        return netns_pids(self.ns)
 
 
 class FakeHosts:
@@ -220,7 +221,7 @@ class FakeHosts:
         """SIGKILL every process left on the hosts (after a failed or timed-out launch); return their pids."""
         killed: list[int] = []
         for ns in self.namespaces:
-            killed += _kill_netns_pids(ns)
+            killed += _killnetns_pids(ns)
         return killed
 
     def shape(self, mbit: float, hosts: Sequence[int] | None = None, latency_ms: int = 50) -> None:
@@ -339,17 +340,18 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _netns_pids(ns: str) -> list[int]:
+def netns_pids(ns: str) -> list[int]:
+    """Pids of the processes in network namespace ``ns`` (``ip netns pids``)."""
     res = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=_CMD_TIMEOUT_S)
     return [int(p) for p in res.stdout.split() if p.isdigit()]
 
 
-def _kill_netns_pids(ns: str) -> list[int]:
+def _killnetns_pids(ns: str) -> list[int]:
     """SIGKILL the processes in ``ns`` until none is left (or 10 s pass); return those killed."""
     killed: list[int] = []
     deadline = time.monotonic() + 10.0
     while time.monotonic() < deadline:
-        pids = [p for p in _netns_pids(ns) if p != os.getpid()]
+        pids = [p for p in netns_pids(ns) if p != os.getpid()]
         if not pids:
             break
         for pid in pids:
@@ -364,7 +366,7 @@ def _kill_netns_pids(ns: str) -> list[int]:
 
 def _remove_namespace(ns: str) -> None:
     if ns in list_namespaces():
-        _kill_netns_pids(ns)
+        _killnetns_pids(ns)
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=_CMD_TIMEOUT_S)
     shutil.rmtree(_NETNS_ETC / ns, ignore_errors=True)
 

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from tests.acco_reference import reference_train
-from tests.dist_utils import run_distributed
+from tests.dist_utils import JobFailure, job_result, run_distributed, run_jobs_isolated
 from tests.workers import base_config, loss_fn, make_batches, make_model
 
 WORLD, GA, LR, SEED = 2, 4, 1e-2, 0
@@ -110,10 +110,12 @@ def ckpt_worker(rank: int, world_size: int, job: dict[str, Any]) -> dict[str, An
     import deepspeed
 
     import deepspeed_acco
-    from tests.dist_utils import init_rank
+    from tests.dist_utils import allow_cpu_fp16, init_rank
     from tests.workers import WithLoss
 
     init_rank()
+    if job["cfg"].get("fp16", {}).get("enabled"):
+        allow_cpu_fp16()
     model = make_model(SEED)
     module = WithLoss(model)
     init = deepspeed.initialize if job.get("plain") else deepspeed_acco.initialize
@@ -161,13 +163,14 @@ def ckpt_worker(rank: int, world_size: int, job: dict[str, Any]) -> dict[str, An
     return out
 
 
-def run_ckpt_jobs(rank: int, world_size: int, jobs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Several ``ckpt_worker`` jobs one after the other in the same ranks (one spawn)."""
-    return [ckpt_worker(rank, world_size, job) for job in jobs]
+def run_ckpt_jobs(rank: int, world_size: int, jobs: list[dict[str, Any]]) -> list[Any]:
+    """Several ``ckpt_worker`` jobs one after the other in the same ranks (one spawn); a job that raises gives
+    a ``JobFailure`` that fails only the tests reading it."""
+    return run_jobs_isolated(rank, world_size, ckpt_worker, [(job,) for job in jobs])
 
 
-def _spawn(jobs: dict[str, dict[str, Any]], timeout_s: float = 150) -> dict[str, list[dict[str, Any]]]:
-    results = run_distributed(run_ckpt_jobs, WORLD, list(jobs.values()), timeout_s=timeout_s)
+def _spawn(jobs: dict[str, dict[str, Any]], timeout_s: float = 150, world: int = WORLD) -> dict[str, list[Any]]:
+    results = run_distributed(run_ckpt_jobs, world, list(jobs.values()), timeout_s=timeout_s)
     return {name: [rank_results[j] for rank_results in results] for j, name in enumerate(jobs)}
 
 
@@ -189,9 +192,6 @@ def saved(ckpt_root: Path) -> dict[str, list[dict[str, Any]]]:
         "bf16": {"cfg": BF16_CFG, "steps": STEPS, "dtype": torch.bfloat16},
         "bf16_saving": {"cfg": BF16_CFG, "steps": STEPS, "dtype": torch.bfloat16,
                         "saves": {15: (str(ckpt_root / "bf16"), "mid15")}},
-        "fp16": {"cfg": FP16_CFG, "steps": STEPS, "dtype": torch.float16, "inf_at": FP16_INF_AT},
-        "fp16_saving": {"cfg": FP16_CFG, "steps": STEPS, "dtype": torch.float16, "inf_at": FP16_INF_AT,
-                        "saves": {BOUNDARY: (str(ckpt_root / "fp16"), "step3")}},
         "plain_saving": {"cfg": PLAIN_CFG, "steps": SAVE_STEP, "plain": True,
                          "saves": {BOUNDARY: (plain_dir, "step3")}},
         "probe_plain": {"cfg": PLAIN_CFG, "steps": 1, "plain": True, "probe_tag": "t1",
@@ -203,11 +203,28 @@ def saved(ckpt_root: Path) -> dict[str, list[dict[str, Any]]]:
 
 
 @pytest.fixture(scope="module")
+def fp16_runs(ckpt_root: Path) -> dict[str, list[Any]]:
+    """fp16 in spawns of its own: save while an overflowed commit is pending, then resume in new processes."""
+    fp16_dir = str(ckpt_root / "fp16")
+    first = _spawn({
+        "fp16": {"cfg": FP16_CFG, "steps": STEPS, "dtype": torch.float16, "inf_at": FP16_INF_AT},
+        "fp16_saving": {"cfg": FP16_CFG, "steps": STEPS, "dtype": torch.float16, "inf_at": FP16_INF_AT,
+                        "saves": {BOUNDARY: (fp16_dir, "step3")}},
+    })
+    if any(isinstance(r, JobFailure) for r in first["fp16_saving"]):
+        return {**first, "fp16_step3": first["fp16_saving"]}
+    return {**first, **_spawn({"fp16_step3": {"cfg": FP16_CFG, "steps": STEPS, "dtype": torch.float16,
+                                              "load": (fp16_dir, "step3")}})}
+
+
+@pytest.fixture(scope="module")
 def crashed(saved: Any, ckpt_root: Path) -> list[Any]:
     crash_dir = str(ckpt_root / "crash")
     job = {"cfg": ACCO_CFG, "steps": STEPS, "crash_tag": "bad",
            "saves": {2 * GA: (crash_dir, "good"), 3 * GA: (crash_dir, "bad")}}
-    return run_distributed(run_ckpt_jobs, WORLD, [job], timeout_s=90, expect_failure=True)
+    # One rank's job raises (a JobFailure), the other may fail or finish: each rank's result of the one job.
+    return [rank_results[0] for rank_results in
+            run_distributed(run_ckpt_jobs, WORLD, [job], timeout_s=90, expect_failure=True)]
 
 
 @pytest.fixture(scope="module")
@@ -219,8 +236,6 @@ def resumed(saved: Any, crashed: Any, ckpt_root: Path) -> dict[str, list[dict[st
         "dpu_step3": {"cfg": DPU_CFG, "steps": STEPS, "load": (dpu_dir, "step3")},
         "bf16_mid15": {"cfg": BF16_CFG, "steps": STEPS, "dtype": torch.bfloat16,
                        "load": (str(ckpt_root / "bf16"), "mid15")},
-        "fp16_step3": {"cfg": FP16_CFG, "steps": STEPS, "dtype": torch.float16,
-                       "load": (str(ckpt_root / "fp16"), "step3")},
         "after_crash": {"cfg": ACCO_CFG, "steps": STEPS, "load": (str(ckpt_root / "crash"), None)},
         "plain_into_acco": {"cfg": ACCO_CFG, "steps": STEPS, "load": (plain_dir, "step3")},
         "acco_into_plain": {"cfg": PLAIN_CFG, "steps": STEPS, "plain": True, "load": (acco_dir, "step3")},
@@ -250,35 +265,45 @@ def test_save_does_not_disturb_training(saved: dict[str, Any]) -> None:
     """Saving at a step boundary and three times inside a step changes nothing: bitwise the same run."""
     for base, saving in (("acco", "acco_saving"), ("dpu", "dpu_saving")):
         for rank in range(WORLD):
-            diff = _max_diff(saved[base][rank]["params"], saved[saving][rank]["params"])
+            ref, run = job_result(saved, base)[rank], job_result(saved, saving)[rank]
+            diff = _max_diff(ref["params"], run["params"])
             print(f"SAVE-IN-FLIGHT {saving} rank {rank}: final params max |diff| vs {base} = {diff:.3e}; "
-                  f"losses identical: {saved[base][rank]['losses'] == saved[saving][rank]['losses']}")
-            assert _bitwise(saved[base][rank]["params"], saved[saving][rank]["params"])
-            assert saved[base][rank]["losses"] == saved[saving][rank]["losses"]
-            assert saved[saving][rank]["metric_steps"] == list(range(1, STEPS + 1))
+                  f"losses identical: {ref['losses'] == run['losses']}")
+            assert _bitwise(ref["params"], run["params"])
+            assert ref["losses"] == run["losses"]
+            assert run["metric_steps"] == list(range(1, STEPS + 1))
 
 
-@pytest.mark.timeout(200)
-@pytest.mark.parametrize("job,base", [("bf16_mid15", "bf16"), ("fp16_step3", "fp16")])
-def test_resume_exact_in_bf16_and_fp16(saved: dict[str, Any], resumed: dict[str, Any], job: str, base: str) -> None:
-    """bf16 (saved mid-step) and fp16 (saved while an overflowed commit is pending) resume bit for bit, the
-    loss scale included."""
+def _assert_resumed_exactly(runs: dict[str, Any], done: dict[str, Any], job: str, base: str) -> None:
     for rank in range(WORLD):
-        run, ref = resumed[job][rank], saved[base][rank]
+        run, ref = job_result(runs, job)[rank], job_result(done, base)[rank]
+        saving = job_result(done, base + "_saving")[rank]
         diff = _max_diff(run["params"], ref["params"])
         print(f"RESUME {job} rank {rank}: final params max |diff| vs uninterrupted = {diff:.3e}; loss scale "
               f"{run['loss_scale']} vs {ref['loss_scale']}; saving run identical: "
-              f"{_bitwise(saved[base + '_saving'][rank]['params'], ref['params'])}")
-        assert _bitwise(run["params"], ref["params"]) and _bitwise(saved[base + "_saving"][rank]["params"],
-                                                                    ref["params"])
+              f"{_bitwise(saving['params'], ref['params'])}")
+        assert _bitwise(run["params"], ref["params"]) and _bitwise(saving["params"], ref["params"])
         assert run["loss_scale"] == ref["loss_scale"] and run["global_steps"] == STEPS
-    assert saved["fp16"][0]["loss_scale"] < 2**8  # the overflow happened and the scaler backed off
+
+
+@pytest.mark.timeout(200)
+def test_resume_exact_in_bf16(saved: dict[str, Any], resumed: dict[str, Any]) -> None:
+    """bf16, saved mid-step, resumes bit for bit."""
+    _assert_resumed_exactly(resumed, saved, "bf16_mid15", "bf16")
+
+
+@pytest.mark.timeout(300)
+def test_resume_exact_in_fp16(fp16_runs: dict[str, Any]) -> None:
+    """fp16, saved while an overflowed commit is pending, resumes bit for bit, the loss scale included (on every
+    CPU: where DeepSpeed's probe refuses fp16 the ranks override it, see ``dist_utils.allow_cpu_fp16``)."""
+    _assert_resumed_exactly(fp16_runs, fp16_runs, "fp16_step3", "fp16")
+    assert job_result(fp16_runs, "fp16")[0]["loss_scale"] < 2**8  # the overflow happened, the scaler backed off
 
 
 @pytest.mark.timeout(200)
 def test_checkpoint_holds_committed_state(saved: dict[str, Any]) -> None:
     """The step-3 checkpoint's committed parameters are theta_3 of the reference; global_steps is 3."""
-    rec = saved["acco_saving"][0]["saved"]["step3"]
+    rec = job_result(saved, "acco_saving")[0]["saved"]["step3"]
     ref = reference_train(make_model(SEED), make_batches(SEED, WORLD, NUM_MICRO), loss_fn, mode="acco",
                           num_steps=SAVE_STEP, gradient_accumulation_steps=GA, lr=LR, weight_decay=0.01)
     diff = _max_diff(rec["committed"], list(ref.values()))
@@ -295,7 +320,8 @@ def test_resume_in_new_processes_is_exact(saved: dict[str, Any], resumed: dict[s
     saving = "dpu_saving" if base == "dpu" else "acco_saving"
     tag = "step3" if job == "dpu_step3" else job
     for rank in range(WORLD):
-        run, ref, at_save = resumed[job][rank], saved[base][rank], saved[saving][rank]["saved"][tag]
+        run, ref = job_result(resumed, job)[rank], job_result(saved, base)[rank]
+        at_save = job_result(saved, saving)[rank]["saved"][tag]
         diff = _max_diff(run["params"], ref["params"])
         print(f"RESUME {job} rank {rank} (data position {run['after_load']['data_position']}): final params max "
               f"|diff| vs uninterrupted = {diff:.3e}; global_steps {run['global_steps']} vs {ref['global_steps']}; "
@@ -351,7 +377,7 @@ def test_zero_to_fp32_gives_committed_weights(saved: dict[str, Any], ckpt_root: 
     for tag in ("step3", "mid15"):
         sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_root / "acco"), tag=tag)
         converted = [sd[f"model.{name}"].detach().float() for name, _ in make_model(SEED).named_parameters()]
-        committed = saved["acco_saving"][0]["saved"][tag]["committed"]
+        committed = job_result(saved, "acco_saving")[0]["saved"][tag]["committed"]
         diff = _max_diff(converted, committed)
         print(f"ZERO_TO_FP32 {tag}: max |diff| vs in-process committed params = {diff:.3e}")
         assert _bitwise(converted, committed)
@@ -367,21 +393,23 @@ def _loaded_diffs(run: dict[str, Any], at_save: dict[str, Any]) -> tuple[float, 
 def test_plain_zero1_checkpoint_loads_into_acco(saved: dict[str, Any], resumed: dict[str, Any]) -> None:
     """A plain ZeRO-1 checkpoint loads into an ACCO run: same params and optimizer state, training goes on."""
     for rank in range(WORLD):
-        run = resumed["plain_into_acco"][rank]
-        pdiff, sdiff = _loaded_diffs(run, saved["plain_saving"][rank]["saved"]["step3"])
+        run = job_result(resumed, "plain_into_acco")[rank]
+        pdiff, sdiff = _loaded_diffs(run, job_result(saved, "plain_saving")[rank]["saved"]["step3"])
         print(f"MIGRATE plain->acco rank {rank}: params max |diff| {pdiff:.3e}, optimizer state max |diff| "
               f"{sdiff:.3e}; losses after {run['losses'][:2]}...; metric steps {run['metric_steps']}")
         assert pdiff == 0.0 and sdiff == 0.0
         assert all(torch.isfinite(torch.tensor(run["losses"])))
         assert run["global_steps"] == STEPS and run["metric_steps"] == list(range(SAVE_STEP + 1, STEPS + 1))
-    assert _bitwise(resumed["plain_into_acco"][0]["params"], resumed["plain_into_acco"][1]["params"])
+    migrated = job_result(resumed, "plain_into_acco")
+    assert _bitwise(migrated[0]["params"], migrated[1]["params"])
 
 
 @pytest.mark.timeout(200)
 def test_load_module_only_into_acco(saved: dict[str, Any], resumed: dict[str, Any]) -> None:
     """``load_module_only`` (a warm start) takes the committed weights of a mid-step checkpoint; a fresh pipeline."""
     for rank in range(WORLD):
-        run, at_save = resumed["module_only"][rank], saved["acco_saving"][rank]["saved"]["mid15"]
+        run = job_result(resumed, "module_only")[rank]
+        at_save = job_result(saved, "acco_saving")[rank]["saved"]["mid15"]
         pdiff = _max_diff(run["after_load"]["params"], at_save["committed"])
         mdiff = float((run["after_load"]["state"]["master"] - at_save["state"]["master"]).abs().max())
         print(f"MODULE-ONLY load rank {rank}: params max |diff| {pdiff:.3e}, fp32 master max |diff| {mdiff:.3e}; "
@@ -425,14 +453,14 @@ def test_acco_checkpoint_loads_into_plain_zero1(saved: dict[str, Any], resumed: 
     """An ACCO checkpoint loads into plain ZeRO-1 with the committed params and optimizer state; the plain run
     then trains exactly as synchronous ZeRO-1 from those weights and AdamW state (single-process check)."""
     for rank in range(WORLD):
-        run = resumed["acco_into_plain"][rank]
-        pdiff, sdiff = _loaded_diffs(run, saved["acco_saving"][rank]["saved"]["step3"])
+        run = job_result(resumed, "acco_into_plain")[rank]
+        pdiff, sdiff = _loaded_diffs(run, job_result(saved, "acco_saving")[rank]["saved"]["step3"])
         print(f"MIGRATE acco->plain rank {rank}: params max |diff| {pdiff:.3e}, optimizer state max |diff| "
               f"{sdiff:.3e}; engine {run['engine']}")
         assert pdiff == 0.0 and sdiff == 0.0 and run["engine"] == "DeepSpeedEngine"
         assert all(torch.isfinite(torch.tensor(run["losses"])))
     expected = _sync_from_checkpoint(ckpt_root / "acco" / "step3", BOUNDARY, STEPS - SAVE_STEP)
-    got = [p.reshape(-1) for p in resumed["acco_into_plain"][0]["params"]]
+    got = [p.reshape(-1) for p in job_result(resumed, "acco_into_plain")[0]["params"]]
     diff = _max_diff(got, expected)
     print(f"MIGRATE acco->plain: {STEPS - SAVE_STEP} plain steps vs single-process sync from the checkpoint: "
           f"max |diff| = {diff:.3e}")
@@ -442,8 +470,8 @@ def test_acco_checkpoint_loads_into_plain_zero1(saved: dict[str, Any], resumed: 
 @pytest.mark.timeout(200)
 def test_latest_written_after_every_rank(saved: dict[str, Any]) -> None:
     """DeepSpeed's rank 0 writes ``latest`` before rank 1 has written its file; AccoEngine only after all ranks."""
-    stock = saved["probe_plain"][1].get("latest_before_rank1_file")
-    ours = saved["probe_acco"][1].get("latest_before_rank1_file")
+    stock = job_result(saved, "probe_plain")[1].get("latest_before_rank1_file")
+    ours = job_result(saved, "probe_acco")[1].get("latest_before_rank1_file")
     print(f"LATEST names the new tag while rank 1 is still writing: plain DeepSpeed {stock}, AccoEngine {ours}")
     assert stock is True and ours is False
 
@@ -475,14 +503,14 @@ def test_crash_mid_save_leaves_previous_checkpoint(crashed: list[Any], resumed: 
     """Rank 1 dies half-way through writing tag ``bad``: ``latest`` still names ``good``, which loads and resumes
     exactly (new processes, ``load_checkpoint`` without a tag)."""
     crash_dir = ckpt_root / "crash"
-    errors = [r for r in crashed if isinstance(r, str)]
+    errors = [r.traceback if isinstance(r, JobFailure) else r for r in crashed if isinstance(r, (JobFailure, str))]
     print(f"CRASH ranks failed: {len(errors)}; latest = {(crash_dir / 'latest').read_text()!r}; "
           f"bad tag files: {sorted(p.name for p in (crash_dir / 'bad').iterdir())}")
     assert any("injected crash" in e for e in errors)
     assert (crash_dir / "latest").read_text() == "good"
-    run = resumed["after_crash"]
+    run = job_result(resumed, "after_crash")
     assert "/good/" in str(run[0]["after_load"]["path"])
     assert run[0]["after_load"]["global_steps"] == 2 and run[0]["after_load"]["data_position"] == 2 * GA
-    diff = _max_diff(run[0]["params"], saved["acco"][0]["params"])
+    diff = _max_diff(run[0]["params"], job_result(saved, "acco")[0]["params"])
     print(f"CRASH resume from 'good' to step {run[0]['global_steps']}: max |diff| vs uninterrupted = {diff:.3e}")
-    assert _bitwise(run[0]["params"], saved["acco"][0]["params"])
+    assert _bitwise(run[0]["params"], job_result(saved, "acco")[0]["params"])

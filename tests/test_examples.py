@@ -47,11 +47,11 @@ def _deepspeed_launcher() -> str:
     return found
 
 
-def launch(script: str, *args: str, timeout_s: float = 300.0) -> str:
-    """Run ``deepspeed --num_gpus 2 examples/<script> args`` on CPU; return stdout+stderr, fail on rc != 0."""
+def launch(script: str, *args: str, timeout_s: float = 300.0, ranks: int = 2) -> str:
+    """Run ``deepspeed --num_gpus RANKS examples/<script> args`` on CPU; return stdout+stderr, fail on rc != 0."""
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
     env.pop("PYTHONPATH", None)  # the examples must find deepspeed_acco by themselves
-    cmd = [_deepspeed_launcher(), "--num_gpus", "2", "--master_port", str(free_port()),
+    cmd = [_deepspeed_launcher(), "--num_gpus", str(ranks), "--master_port", str(free_port()),
            str(REPO / "examples" / script), *args]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout_s)
     output = proc.stdout + proc.stderr
@@ -59,9 +59,9 @@ def launch(script: str, *args: str, timeout_s: float = 300.0) -> str:
     return output
 
 
-def assert_ranks_done(output: str, tag: str) -> None:
-    """Both ranks printed their success line (the runner's exit code alone can hide a killed rank)."""
-    for rank in (0, 1):
+def assert_ranks_done(output: str, tag: str, ranks: int = 2) -> None:
+    """Every rank printed its success line (the runner's exit code alone can hide a killed rank)."""
+    for rank in range(ranks):
         assert f"[rank {rank}] {tag}" in output, f"rank {rank} did not print '{tag}':\n{output[-6000:]}"
 
 
@@ -70,10 +70,10 @@ def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
 
 
-def train_lm(out_dir: Path, config: Path, *extra: str) -> str:
+def train_lm(out_dir: Path, config: Path, *extra: str, ranks: int = 2) -> str:
     """Launch the main job with the tiny preset, no progress bar, held-out loss every EVAL_EVERY steps."""
     return launch("train_lm.py", "--deepspeed_config", str(config), "--output_dir", str(out_dir),
-                  "--eval_every", str(EVAL_EVERY), "--no_progress", *extra)
+                  "--eval_every", str(EVAL_EVERY), "--no_progress", *extra, ranks=ranks)
 
 
 @pytest.fixture(scope="module")
@@ -172,6 +172,29 @@ def test_resume_continues_steps_data_and_loss(tmp_path: Path, acco_run: tuple[Pa
     for row in rows[RESUME_FROM:]:
         assert row["loss"] == pytest.approx(reference[row["step"]]["loss"], rel=1e-5), (row, reference[row["step"]])
         assert row["lr"] == pytest.approx(reference[row["step"]]["lr"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_resume_at_another_world_size(tmp_path: Path) -> None:
+    """Saved by 2 ranks, converted with ds_to_universal, --resume on 3 ranks: the step count, the sample count and
+    the LR schedule continue, every rank starts at micro-batch ceil(16 * 2 / 3) = 11, and the loss goes on falling."""
+    out = tmp_path / "elastic"
+    first = train_lm(out, ACCO_CONFIG, "--max_steps", "4", "--save_every", "4")
+    assert_ranks_done(first, "train_lm done")
+    ckpt = out / "checkpoints"
+    conv = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                           str(ckpt / "step4"), "--output_folder", str(ckpt / "step4_universal"),
+                           "--inject_missing_state"], capture_output=True, text=True, timeout=120)
+    assert conv.returncode == 0, conv.stderr[-3000:]
+    second = train_lm(out, ACCO_CONFIG, "--max_steps", "6", "--resume", str(ckpt / "step4_universal"), ranks=3)
+    assert_ranks_done(second, "train_lm done", ranks=3)
+    assert "at step 4 (saved by 2 ranks at micro-batches [16, 16]; resuming every rank at 11)" in second, \
+        second[-3000:]
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert rows[4]["samples"] == rows[3]["samples"] + 3 * 4 * 8, "3 ranks x GA 4 x micro-batch 8 per step"
+    assert rows[4]["lr"] > 0 and rows[5]["loss"] < rows[0]["loss"], rows
 
 
 @pytest.mark.slow

@@ -90,10 +90,18 @@ class Job:
             time.sleep(0.05)
         pytest.fail(f"no line matching {pattern!r} (rc={self.proc.poll()}):\n{self.output[-6000:]}")
 
-    def rank_pids(self) -> dict[int, int]:
-        """The ranks' pids (from their ``started`` lines); also remembers the launcher tree's pids."""
-        pids = {int(m.group(1)): int(m.group(2))
-                for m in (re.search(r"\[rank (\d)\] pid=(\d+) started", line) for _, line in self.lines) if m}
+    def rank_pids(self, ranks: int = 2, timeout_s: float = 60.0) -> dict[int, int]:
+        """Every rank's pid (from its ``started`` line), waiting until all ``ranks`` have printed theirs; also
+        remembers the launcher tree's pids (launch.py included)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            pids = {int(m.group(1)): int(m.group(2))
+                    for m in (re.search(r"\[rank (\d)\] pid=(\d+) started", line) for _, line in list(self.lines)) if m}
+            if len(pids) >= ranks or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if len(pids) < ranks:
+            pytest.fail(f"only ranks {sorted(pids)} reported their pid within {timeout_s} s:\n{self.output[-6000:]}")
         with _no_such_process():
             self.pids.update(c.pid for c in psutil.Process(self.proc.pid).children(recursive=True))
         self.pids.update(pids.values())
@@ -142,6 +150,14 @@ def _no_such_process() -> Iterator[None]:
         yield
     except (ProcessLookupError, PermissionError, psutil.NoSuchProcess, subprocess.TimeoutExpired):
         pass
+
+
+def _is_launch_py(pid: int) -> bool:
+    """Whether ``pid`` is DeepSpeed's per-node ``launch.py``."""
+    try:
+        return "deepspeed.launcher.launch" in " ".join(psutil.Process(pid).cmdline())
+    except psutil.Error:
+        return False
 
 
 def _running(pid: int) -> bool:
@@ -240,9 +256,11 @@ def test_launcher_peer_frozen_by_sigstop() -> None:
 def test_signal_stops_job_cleanly(how: str) -> None:
     """Mid-training SIGINT/SIGTERM: every rank stops (worker thread joined), all processes gone, rc != 0."""
     with job("--steps", "100000", "--slow_s", "0.01") as run:
-        run.wait_for(r"\[rank [01]\] step 3 ")
+        for rank in (0, 1):  # both ranks are training (their SIGTERM handling is in place) and have reported pids
+            run.wait_for(rf"\[rank {rank}\] step 3 ")
         pids = run.rank_pids()
-        launch_py = [pid for pid in run.pids if pid not in pids.values() and pid != run.proc.pid]
+        launch_py = [pid for pid in run.pids if _is_launch_py(pid)]
+        assert len(launch_py) == 1, f"expected one launch.py among {sorted(run.pids)}"
         sent = time.monotonic()
         if how == "ctrl-c to the job":
             os.killpg(run.proc.pid, signal.SIGINT)

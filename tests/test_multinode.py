@@ -36,7 +36,7 @@ import torch
 
 from tests.acco_reference import reference_train
 from tests.dist_utils import free_port, run_distributed
-from tests.netns import NSRSH, FakeHosts, NetnsUnavailable, cleanup_stale, list_namespaces
+from tests.netns import NSRSH, FakeHosts, NetnsUnavailable, cleanup_stale, list_namespaces, netns_pids
 from tests.workers import base_config, loss_fn, make_batches, make_model, train_worker
 
 WORLD, GA, STEPS, LR, SEED = 2, 4, 3, 1e-2, 0
@@ -227,7 +227,10 @@ def test_leftovers_of_a_dead_owner_are_removed(hosts: FakeHosts) -> None:
     Path("/etc/netns", stale, "hosts").write_text("127.0.0.1 localhost\n")
     sleeper = subprocess.Popen(["ip", "netns", "exec", stale, "sleep", "600"])
     try:
-        time.sleep(0.2)
+        deadline = time.monotonic() + 30.0  # wait until the sleeper is inside the namespace (a loaded machine is slow)
+        while sleeper.pid not in netns_pids(stale) and sleeper.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sleeper.pid in netns_pids(stale), "the sleeper never entered the stale namespace"
         removed = cleanup_stale(hosts.prefix)
         assert stale in removed
         assert stale not in list_namespaces() and not Path("/etc/netns", stale).exists()

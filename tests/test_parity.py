@@ -1,9 +1,14 @@
-"""2-rank gloo runs through the public API, checked against the single-process reference.
+"""Gloo runs through the public API, checked against the single-process reference.
 
-One module-scoped launch runs every job in the same two processes (spawning costs ~8 s), then
-each test asserts on its job. What it localizes: the ACCO and DPU schedules, the disabled path
+Jobs run in groups, one spawn per group, each group in the same processes (spawning costs ~8 s):
+the fp32 jobs at world size 2, the low-precision jobs (bf16, fp16) at world size 2, and the ACCO,
+DPU and adaptive schedules at world sizes 3 (flat buffers padded: 212 parameters, 216 in the flat)
+and 4. A job that raises fails only the tests that read it, with its traceback
+(``dist_utils.job_result``). What it localizes: the ACCO and DPU schedules, the disabled path
 (DeepSpeed's own ZeRO-1), the LR scheduler stepping once per commit, clipping in both rounds,
 the estimate rollback, adaptive accumulation with a really slowed rank, bf16 and fp16 paths.
+fp16 jobs run on every CPU: where DeepSpeed's probe refuses fp16 (no mkldnn fp16 kernels), the
+ranks override it (``dist_utils.allow_cpu_fp16``, see the README's Tests section).
 Run alone with ``python -m pytest tests/test_parity.py``.
 """
 
@@ -16,10 +21,11 @@ import pytest
 import torch
 
 from tests.acco_reference import reference_train
-from tests.dist_utils import run_distributed
+from tests.dist_utils import JobFailure, job_result, run_distributed
 from tests.workers import base_config, loss_fn, make_batches, make_model, run_jobs
 
 WORLD, GA, STEPS, LR, SEED = 2, 4, 3, 1e-2, 0
+WIDE_WORLDS = (3, 4)
 TOL = 1e-5
 SCHED = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.002, "warmup_max_lr": 0.01, "warmup_num_steps": 2,
                                         "warmup_type": "linear"}}
@@ -29,6 +35,8 @@ def _acco(**block: Any) -> dict[str, Any]:
     return {"acco": {"enabled": True, **block}}
 
 
+ADAPTIVE = (base_config(GA, LR, **_acco(adaptive_accumulation=True, max_micro_batches_per_round=6)),
+            STEPS, SEED, {"slow_s": 0.15})
 JOBS: dict[str, tuple[Any, ...]] = {
     "plain": (base_config(GA, LR), STEPS, SEED, {"plain_deepspeed": True}),
     "disabled": (base_config(GA, LR, acco={"enabled": False}), STEPS, SEED),
@@ -38,12 +46,23 @@ JOBS: dict[str, tuple[Any, ...]] = {
     "dpu": (base_config(GA, LR, **_acco(mode="dpu")), STEPS, SEED),
     "acco_sched": (base_config(GA, LR, scheduler=SCHED, **_acco()), 4, SEED),
     "acco_clip": (base_config(GA, LR, gradient_clipping=0.05, **_acco()), STEPS, SEED),
-    "adaptive": (base_config(GA, LR, **_acco(adaptive_accumulation=True, max_micro_batches_per_round=6)),
-                 STEPS, SEED, {"slow_s": 0.15}),
+    "adaptive": ADAPTIVE,
+}
+LOW_PRECISION_JOBS: dict[str, tuple[Any, ...]] = {
     "bf16": (base_config(GA, 3e-2, bf16={"enabled": True}, **_acco()), 8, SEED, {"dtype": "bf16", "repeat": 2}),
     "fp16_overflow": (base_config(GA, LR, fp16={"enabled": True, "initial_scale_power": 8, "hysteresis": 1},
                                   **_acco()), 4, SEED, {"dtype": "fp16", "inf_at": 7}),
 }
+WIDE_JOBS: dict[str, tuple[Any, ...]] = {
+    "acco": (base_config(GA, LR, **_acco()), STEPS, SEED, {"check_rollback": True}),
+    "dpu": (base_config(GA, LR, **_acco(mode="dpu")), STEPS, SEED),
+    "adaptive": ADAPTIVE,
+}
+
+
+def _spawn(world: int, jobs: dict[str, tuple[Any, ...]], timeout_s: float = 280) -> dict[str, list[Any]]:
+    results = run_distributed(run_jobs, world, list(jobs.values()), timeout_s=timeout_s)
+    return {name: [rank_results[j] for rank_results in results] for j, name in enumerate(jobs)}
 
 
 @pytest.fixture(scope="module")
@@ -52,16 +71,27 @@ def monitor_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(monitor_dir: Path) -> dict[str, list[dict[str, Any]]]:
+def runs(monitor_dir: Path) -> dict[str, list[Any]]:
     jobs = dict(JOBS)
+    # Refused at initialize (odd GA in acco mode), between two jobs that must still run: see test_refused_job_*.
+    jobs["refused"] = (base_config(3, LR, **_acco()), STEPS, SEED)
     jobs["monitor"] = (base_config(GA, LR, csv_monitor={"enabled": True, "output_path": str(monitor_dir),
                                                         "job_name": "acco"}, **_acco()), STEPS, SEED)
-    results = run_distributed(run_jobs, WORLD, list(jobs.values()), timeout_s=280)
-    return {name: [rank_results[j] for rank_results in results] for j, name in enumerate(jobs)}
+    return _spawn(WORLD, jobs)
 
 
-def _reference(mode: str, steps: int = STEPS, **kw: Any) -> list[torch.Tensor]:
-    batches = make_batches(SEED, WORLD, steps * GA * 6 + 8)
+@pytest.fixture(scope="module")
+def low_precision_runs() -> dict[str, list[Any]]:
+    return _spawn(WORLD, LOW_PRECISION_JOBS, timeout_s=200)
+
+
+@pytest.fixture(scope="module", params=WIDE_WORLDS, ids=lambda w: f"world{w}")
+def wide_runs(request: pytest.FixtureRequest) -> tuple[int, dict[str, list[Any]]]:
+    return request.param, _spawn(request.param, WIDE_JOBS, timeout_s=280)
+
+
+def _reference(mode: str, steps: int = STEPS, world: int = WORLD, **kw: Any) -> list[torch.Tensor]:
+    batches = make_batches(SEED, world, steps * GA * 6 + 8)
     out = reference_train(make_model(SEED), batches, loss_fn, mode=mode, num_steps=steps,
                           gradient_accumulation_steps=GA, lr=kw.pop("lr", LR), weight_decay=0.01, **kw)
     return list(out.values())
@@ -72,56 +102,58 @@ def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
 
 
 def _ranks_identical(job: list[dict[str, Any]]) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(job[0]["params"], job[1]["params"]))
+    return all(all(torch.equal(x, y) for x, y in zip(job[0]["params"], other["params"])) for other in job[1:])
 
 
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("job,mode", [("acco", "acco"), ("dpu", "dpu"), ("disabled", "sync"), ("plain", "sync")])
 def test_matches_reference(runs: dict[str, Any], job: str, mode: str) -> None:
     """Final parameters equal the independent reference to fp32 rounding, identically on both ranks."""
-    diff = _max_diff(runs[job][0]["params"], _reference(mode))
+    diff = _max_diff(job_result(runs, job)[0]["params"], _reference(mode))
     print(f"PARITY {job} vs reference {mode}: max |diff| = {diff:.3e}")
     assert diff < TOL
-    assert _ranks_identical(runs[job])
-    assert runs[job][0]["global_steps"] == STEPS
+    assert _ranks_identical(job_result(runs, job))
+    assert job_result(runs, job)[0]["global_steps"] == STEPS
 
 
 def test_engine_classes(runs: dict[str, Any]) -> None:
     """ACCO builds AccoEngine/AccoZeroOptimizer; without an enabled block it is DeepSpeed's own classes."""
-    assert (runs["acco"][0]["engine"], runs["acco"][0]["optimizer"]) == ("AccoEngine", "AccoZeroOptimizer")
-    assert (runs["disabled"][0]["engine"], runs["disabled"][0]["optimizer"]) == ("DeepSpeedEngine",
-                                                                               "DeepSpeedZeroOptimizer")
+    acco, disabled = job_result(runs, "acco")[0], job_result(runs, "disabled")[0]
+    assert (acco["engine"], acco["optimizer"]) == ("AccoEngine", "AccoZeroOptimizer")
+    assert (disabled["engine"], disabled["optimizer"]) == ("DeepSpeedEngine", "DeepSpeedZeroOptimizer")
 
 
 def test_disabled_is_bitwise_deepspeed(runs: dict[str, Any]) -> None:
     """A disabled block gives exactly the parameters of plain deepspeed.initialize."""
-    assert all(torch.equal(a, b) for a, b in zip(runs["disabled"][0]["params"], runs["plain"][0]["params"]))
+    disabled, plain = job_result(runs, "disabled")[0], job_result(runs, "plain")[0]
+    assert all(torch.equal(a, b) for a, b in zip(disabled["params"], plain["params"]))
 
 
 def test_install_path_equals_initialize(runs: dict[str, Any]) -> None:
     """install() + plain deepspeed.initialize gives the same ACCO run as deepspeed_acco.initialize."""
-    assert runs["acco_install"][0]["optimizer"] == "AccoZeroOptimizer"
-    assert all(torch.equal(a, b) for a, b in zip(runs["acco_install"][0]["params"], runs["acco"][0]["params"]))
+    assert job_result(runs, "acco_install")[0]["optimizer"] == "AccoZeroOptimizer"
+    installed, acco = job_result(runs, "acco_install")[0], job_result(runs, "acco")[0]
+    assert all(torch.equal(a, b) for a, b in zip(installed["params"], acco["params"]))
 
 
 def test_prescaled_loss_equals_default(runs: dict[str, Any]) -> None:
     """``backward(loss / GA, scale_wrt_gas=False)`` (what the HF Trainer calls) gives the default run's parameters."""
-    diff = _max_diff(runs["acco_prescaled"][0]["params"], runs["acco"][0]["params"])
+    diff = _max_diff(job_result(runs, "acco_prescaled")[0]["params"], job_result(runs, "acco")[0]["params"])
     print(f"PARITY acco prescaled loss vs default: max |diff| = {diff:.3e}")
     assert diff < TOL
-    assert _ranks_identical(runs["acco_prescaled"])
+    assert _ranks_identical(job_result(runs, "acco_prescaled"))
 
 
 def test_modes_differ(runs: dict[str, Any]) -> None:
     """acco, dpu and synchronous ZeRO-1 give different parameters, so parity can tell them apart."""
-    acco, dpu, sync = (runs[j][0]["params"] for j in ("acco", "dpu", "disabled"))
+    acco, dpu, sync = (job_result(runs, j)[0]["params"] for j in ("acco", "dpu", "disabled"))
     for a, b in ((acco, dpu), (acco, sync), (dpu, sync)):
         assert _max_diff(a, b) > 100 * TOL
 
 
 def test_acco_micro_batches_consumed(runs: dict[str, Any]) -> None:
     """Each committed step consumes GA micro-batches per rank, as ZeRO-1 does (2 rounds of GA/2)."""
-    run = runs["acco"][0]
+    run = job_result(runs, "acco")[0]
     assert run["micro_batches"] == STEPS * GA
     assert [m["round_counts"] for m in run["metrics"]] == [[[GA // 2] * WORLD] * 2] * STEPS
 
@@ -129,7 +161,7 @@ def test_acco_micro_batches_consumed(runs: dict[str, Any]) -> None:
 def test_estimate_rollback_is_exact(runs: dict[str, Any]) -> None:
     """After every estimate round the shard's optimizer state and master weights are bit-identical."""
     for rank in range(WORLD):
-        checks = runs["acco"][rank]["rollback_checks"]
+        checks = job_result(runs, "acco")[rank]["rollback_checks"]
         assert len(checks) == STEPS and all(checks), checks
 
 
@@ -138,25 +170,25 @@ def test_scheduler_steps_once_per_commit(runs: dict[str, Any]) -> None:
     def lr(t: int) -> float:
         return 0.002 + 0.008 * min(1.0, max(0, t - 1) / 2)
 
-    diff = _max_diff(runs["acco_sched"][0]["params"], _reference("acco", steps=4, lr=lr))
+    diff = _max_diff(job_result(runs, "acco_sched")[0]["params"], _reference("acco", steps=4, lr=lr))
     print(f"PARITY acco+WarmupLR: max |diff| = {diff:.3e}")
     assert diff < TOL
-    assert runs["acco_sched"][0]["global_steps"] == 4
+    assert job_result(runs, "acco_sched")[0]["global_steps"] == 4
 
 
 def test_clipping_applies_in_both_rounds(runs: dict[str, Any]) -> None:
     """gradient_clipping changes the update exactly as the reference clips both rounds."""
-    clipped = runs["acco_clip"][0]["params"]
+    clipped = job_result(runs, "acco_clip")[0]["params"]
     diff = _max_diff(clipped, _reference("acco", max_grad_norm=0.05))
     print(f"PARITY acco+clip: max |diff| = {diff:.3e}")
     assert diff < TOL
-    assert _max_diff(clipped, runs["acco"][0]["params"]) > 100 * TOL
-    assert all(m["grad_norm"] > 0.05 for m in runs["acco_clip"][0]["metrics"])
+    assert _max_diff(clipped, job_result(runs, "acco")[0]["params"]) > 100 * TOL
+    assert all(m["grad_norm"] > 0.05 for m in job_result(runs, "acco_clip")[0]["metrics"])
 
 
 def test_adaptive_accumulation(runs: dict[str, Any]) -> None:
     """The fast rank contributes more micro-batches; the update equals the reference at the recorded counts."""
-    run0, run1 = runs["adaptive"]
+    run0, run1 = job_result(runs, "adaptive")
     counts = [c for m in run0["metrics"] for c in m["round_counts"]]
     assert counts == [c for m in run1["metrics"] for c in m["round_counts"]]
     fast, slow = sum(c[0] for c in counts), sum(c[1] for c in counts)
@@ -166,33 +198,61 @@ def test_adaptive_accumulation(runs: dict[str, Any]) -> None:
     diff = _max_diff(run0["params"], _reference("acco", counts=counts))
     print(f"PARITY adaptive: max |diff| = {diff:.3e}")
     assert diff < TOL
-    assert _ranks_identical(runs["adaptive"])
+    assert _ranks_identical(job_result(runs, "adaptive"))
 
 
-def test_bf16_trains(runs: dict[str, Any]) -> None:
+def test_bf16_trains(low_precision_runs: dict[str, Any]) -> None:
     """bf16 with ACCO: the loss falls and the ranks stay identical."""
-    losses = runs["bf16"][0]["losses"]
+    job = job_result(low_precision_runs, "bf16")
+    losses = job[0]["losses"]
     first, last = sum(losses[:GA]) / GA, sum(losses[-GA:]) / GA
     print(f"BF16 loss {first:.4f} -> {last:.4f}")
     assert last < 0.9 * first
-    assert _ranks_identical(runs["bf16"])
+    assert _ranks_identical(job)
 
 
-def test_fp16_overflow_skips_step_on_all_ranks(runs: dict[str, Any]) -> None:
-    """An inf on one rank makes every rank skip that step and back off the loss scale."""
-    run0, run1 = runs["fp16_overflow"]
+def test_fp16_overflow_skips_step_on_all_ranks(low_precision_runs: dict[str, Any]) -> None:
+    """An inf on one rank makes every rank skip that step and back off the loss scale (fp16 on every CPU)."""
+    job = job_result(low_precision_runs, "fp16_overflow")
+    run0, run1 = job
     flags0 = [m["overflow"] for m in run0["metrics"]]
     flags1 = [m["overflow"] for m in run1["metrics"]]
-    print(f"FP16 overflow flags per step: rank0 {flags0} rank1 {flags1}; loss scale {run0['loss_scale']}")
+    print(f"FP16 overflow flags per step: rank0 {flags0} rank1 {flags1}; loss scale {run0['loss_scale']}; "
+          f"DeepSpeed's CPU fp16 probe overridden: {run0['fp16_forced']}")
     assert flags0 == flags1 and any(flags0) and not all(flags0)
     assert run0["loss_scale"] < 2**8 and run0["loss_scale"] == run1["loss_scale"]
-    assert _ranks_identical(runs["fp16_overflow"])
+    assert _ranks_identical(job)
     assert all(torch.isfinite(p).all() for p in run0["params"])
+    assert run0["param_dtype"] == "torch.float16", "the engine really trained in fp16"
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("mode", ["acco", "dpu", "adaptive"])
+def test_matches_reference_at_wider_world(wide_runs: tuple[int, dict[str, list[Any]]], mode: str) -> None:
+    """At world sizes 3 (padded flat buffers) and 4: acco, dpu and adaptive accumulation equal the reference."""
+    world, wide = wide_runs
+    job = job_result(wide, mode)
+    kw: dict[str, Any] = {}
+    if mode == "adaptive":
+        counts = [c for m in job[0]["metrics"] for c in m["round_counts"]]
+        assert all(counts == [c for m in other["metrics"] for c in m["round_counts"]] for other in job[1:])
+        slow = sum(c[1] for c in counts)
+        fast = [sum(c[r] for c in counts) for r in range(world) if r != 1]
+        print(f"ADAPTIVE world {world} round counts {counts}: slowed rank 1 {slow}, others {fast}")
+        assert all(f > slow for f in fast)
+        kw["counts"] = counts
+    diff = _max_diff(job[0]["params"], _reference("acco" if mode == "adaptive" else mode, world=world, **kw))
+    print(f"PARITY world {world} {mode} vs reference: max |diff| = {diff:.3e}")
+    assert diff < TOL
+    assert _ranks_identical(job)
+    assert job[0]["global_steps"] == STEPS
+    if mode == "acco":
+        assert all(all(r["rollback_checks"]) and len(r["rollback_checks"]) == STEPS for r in job)
 
 
 def test_metrics_recorded_and_sent_to_monitor(runs: dict[str, Any], monitor_dir: Path) -> None:
     """Per committed step: figures readable from Python, and written to DeepSpeed's csv monitor."""
-    records = runs["monitor"][0]["metrics"]
+    records = job_result(runs, "monitor")[0]["metrics"]
     assert [m["step"] for m in records] == list(range(1, STEPS + 1))
     for m in records:
         assert m["commit_round_s"] > 0 and m["estimate_round_s"] > 0 and m["compute_s"] > 0
@@ -202,6 +262,18 @@ def test_metrics_recorded_and_sent_to_monitor(runs: dict[str, Any], monitor_dir:
     assert any("exposed_wait_s" in name for name in written) and any("commit_round_s" in name for name in written)
 
 
+def test_refused_job_fails_only_its_own_tests(runs: dict[str, Any]) -> None:
+    """A job whose config is refused becomes a JobFailure with its message; the jobs after it in the spawn ran."""
+    refused = runs["refused"]
+    assert all(isinstance(r, JobFailure) for r in refused)
+    print("REFUSED job:", refused[0].traceback.strip().splitlines()[-1][:200])
+    assert "AccoConfigError" in refused[0].traceback and "gradient_accumulation_steps must be even" in \
+        refused[0].traceback
+    with pytest.raises(pytest.fail.Exception, match="job 'refused' failed on rank 0: .*AccoConfigError"):
+        job_result(runs, "refused")
+    assert job_result(runs, "monitor")[0]["global_steps"] == STEPS
+
+
 def test_destroy_stops_worker(runs: dict[str, Any]) -> None:
     """engine.destroy() stops ACCO's background thread."""
-    assert runs["acco"][0]["worker_alive_after_destroy"] is False
+    assert job_result(runs, "acco")[0]["worker_alive_after_destroy"] is False

@@ -73,10 +73,11 @@ def train_worker(rank: int, world_size: int, cfg: dict[str, Any], steps: int, se
     import deepspeed
 
     import deepspeed_acco
-    from tests.dist_utils import init_rank
+    from tests.dist_utils import allow_cpu_fp16, init_rank
 
     opts = options or {}
     init_rank()
+    fp16_forced = allow_cpu_fp16() if cfg.get("fp16", {}).get("enabled") else False
     model = make_model(seed)
     module = WithLoss(model)
     if opts.get("use_install"):
@@ -87,7 +88,8 @@ def train_worker(rank: int, world_size: int, cfg: dict[str, Any], steps: int, se
     else:
         init = deepspeed_acco.initialize
     engine, _, _, _ = init(model=module, model_parameters=module.parameters(), config=cfg)
-    out: dict[str, Any] = {"engine": type(engine).__name__, "optimizer": type(engine.optimizer).__name__}
+    out: dict[str, Any] = {"engine": type(engine).__name__, "optimizer": type(engine.optimizer).__name__,
+                           "fp16_forced": fp16_forced}
     rollback_checks: list[bool] = []
     if opts.get("check_rollback"):
         _watch_estimate_rollback(engine.optimizer, rollback_checks)
@@ -123,6 +125,7 @@ def train_worker(rank: int, world_size: int, cfg: dict[str, Any], steps: int, se
     out["lrs"] = lrs
     out["rollback_checks"] = rollback_checks
     out["loss_scale"] = float(getattr(engine.optimizer, "loss_scale", 1.0))
+    out["param_dtype"] = str(next(model.parameters()).dtype)
     if opts.get("use_install"):
         deepspeed_acco.uninstall()
     worker = getattr(engine.optimizer, "_worker", None)
@@ -177,6 +180,9 @@ def _watch_estimate_rollback(optimizer: Any, checks: list[bool]) -> None:
     optimizer._worker._run_round = checked
 
 
-def run_jobs(rank: int, world_size: int, jobs: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
-    """Run several ``train_worker`` jobs one after the other in the same ranks (one spawn)."""
-    return [train_worker(rank, world_size, *job) for job in jobs]
+def run_jobs(rank: int, world_size: int, jobs: list[tuple[Any, ...]]) -> list[Any]:
+    """Several ``train_worker`` jobs one after the other in the same ranks (one spawn); a job that raises
+    gives a ``JobFailure`` (read the results with ``dist_utils.job_result``)."""
+    from tests.dist_utils import run_jobs_isolated
+
+    return run_jobs_isolated(rank, world_size, train_worker, jobs)
