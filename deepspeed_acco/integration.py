@@ -28,6 +28,7 @@ from deepspeed.runtime.pipe.module import PipelineModule
 from deepspeed.runtime.zero.utils import ZeRORuntimeException
 from deepspeed.utils import logger
 
+from deepspeed_acco.committed import install_committed_reads
 from deepspeed_acco.config import (
     AccoConfig,
     AccoConfigError,
@@ -94,6 +95,7 @@ class AccoEngine(DeepSpeedEngine):
             timer_config.synchronized = False
             logger.info("ACCO: timers.throughput.synchronized set to false (a device-wide synchronize per "
                         "micro-batch would serialize the background round)")
+        install_committed_reads(self.module, self.acco_optimizer)
 
     @property
     def acco_optimizer(self) -> AccoZeroOptimizer:
@@ -107,25 +109,55 @@ class AccoEngine(DeepSpeedEngine):
             return super().is_gradient_accumulation_boundary()
         return self.acco_optimizer.commit_pending or getattr(self, "_acco_stepping_commit", False)
 
-    def backward(self, loss: Any, retain_graph: bool = False, scale_wrt_gas: bool = True) -> Any:
-        """DeepSpeed's backward, with DeepSpeed's meaning of ``scale_wrt_gas``.
+    def train(self, mode: bool = True) -> AccoEngine:
+        """``nn.Module.train``; in eval mode the model holds the committed weights (see ``committed.py``)."""
+        super().train(mode)
+        optimizer = getattr(self, "optimizer", None)
+        if isinstance(optimizer, AccoZeroOptimizer):
+            if mode:
+                optimizer.leave_committed()
+            else:
+                optimizer.enter_committed()
+        return self
 
-        ``scale_wrt_gas=False`` (the HF Trainer divides the loss by the accumulation steps itself)
-        gives the same gradients as under ZeRO-1: the rounds multiply the accumulated sum by
-        ``gradient_accumulation_steps`` and divide by the global micro-batch count.
+    def backward(self, loss: Any, retain_graph: bool = False, scale_wrt_gas: bool = True) -> Any:
+        """DeepSpeed's backward, with DeepSpeed's meaning of ``scale_wrt_gas`` and of a caller's boundary.
+
+        ``scale_wrt_gas=False`` (the HF Trainer divides the loss by its accumulation steps itself)
+        gives the same gradients as under ZeRO-1: the rounds multiply the accumulated sum by what
+        the caller divided by (``gradient_accumulation_steps``, or the micro-batch count of a step
+        the caller ended early) and divide by the global micro-batch count. The boundary set with
+        ``set_gradient_accumulation_boundary`` (None unless the caller manages it) decides where the
+        optimizer step ends (see ``AccoZeroOptimizer.backward_epilogue``).
+
+        Raises:
+            RuntimeError: the model is in eval mode and holds the committed weights (put it back in
+                train mode before training on it).
         """
+        optimizer = self.acco_optimizer
+        if optimizer.committed_in_model:
+            raise RuntimeError("ACCO: backward() while the model is in eval mode: in eval mode the model holds the "
+                               "committed weights, for evaluation and export. Call model.train() (or engine.train()) "
+                               "before the forward pass you train on.")
+        optimizer.caller_normalized_loss = not scale_wrt_gas
+        optimizer.caller_boundary = self._is_gradient_accumulation_boundary
         return super().backward(loss, retain_graph=retain_graph, scale_wrt_gas=scale_wrt_gas)
 
     def step(self, lr_kwargs: Any = None) -> None:
-        """DeepSpeed's step; at a commit boundary it also sends ACCO's figures to the monitor."""
-        commit = self.acco_optimizer.commit_pending
+        """DeepSpeed's step. A boundary the caller set (``set_gradient_accumulation_boundary(True)``) ends the
+        optimizer step here, as under ZeRO-1, also before ACCO's own boundary (a short step). At a commit
+        boundary it also sends ACCO's figures to the monitor."""
+        optimizer = self.acco_optimizer
+        if self._is_gradient_accumulation_boundary:
+            optimizer.end_step_early()
+        commit = optimizer.commit_pending
         self._acco_stepping_commit = commit
         try:
             super().step(lr_kwargs)
         finally:
             self._acco_stepping_commit = False
         if commit and self.monitor.enabled and self.global_rank == 0:
-            history = self.acco_optimizer.metrics.history
+            history = optimizer.metrics.history
             events = [(name, value, history[-1].step) for name, value in history[-1].monitor_events()] \
                 if history else []
             if events:

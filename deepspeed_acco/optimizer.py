@@ -52,6 +52,26 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _HYPERPARAM_SKIP = ("params",)
 
 
+_GROUP_SETUP_TIMEOUT_S = 300.0
+"""Seconds ACCO's process group may take to connect its ranks (more than a round on a loaded machine)."""
+
+
+def _acco_process_group(ranks: list[int], timeout_s: float) -> Any:
+    """ACCO's own process group, so that the worker's collectives never interleave with the engine's.
+
+    torch.distributed directly, because ``deepspeed.comm.new_group`` takes no timeout. gloo connects
+    the ranks when the group is created, within the group's timeout: that setup gets at least
+    ``_GROUP_SETUP_TIMEOUT_S`` (measured: 4 s were not enough for 2 ranks on a loaded 2-core machine),
+    then the collectives get ``acco.round_timeout_s`` (a worker blocked by a dead peer gives up then).
+    """
+    setup_s = max(timeout_s, _GROUP_SETUP_TIMEOUT_S)
+    group = torch_dist.new_group(ranks=ranks, timeout=timedelta(seconds=setup_s))
+    set_timeout = getattr(torch_dist.distributed_c10d, "_set_pg_timeout", None)
+    if set_timeout is not None and setup_s != timeout_s:
+        set_timeout(timedelta(seconds=timeout_s), group)
+    return group
+
+
 class AccoNonFiniteGradients(RuntimeError):
     """Too many optimizer steps in a row had NaN/Inf gradients (raised on every rank at the same boundary)."""
 
@@ -73,6 +93,7 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         assert not self.partition_gradients, "AccoZeroOptimizer is ZeRO stage 1 only"
         self.acco_config = acco_config
         ga = int(kwargs.get("gradient_accumulation_steps", 1))
+        self._ga = ga
         self._mode = acco_config.mode
         self._min_micro = ga // 2 if self._mode == "acco" else ga
         self._max_micro = acco_config.max_micro_batches_per_round or 4 * self._min_micro
@@ -81,9 +102,7 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
 
         group = self.dp_process_group
         ranks = dist.get_all_ranks_from_group(group)
-        # ACCO's own group: the worker's collectives never interleave with the engine's.
-        # torch.distributed directly, because deepspeed.comm.new_group takes no timeout.
-        self._acco_group = torch_dist.new_group(ranks=ranks, timeout=timedelta(seconds=self._timeout_s))
+        self._acco_group = _acco_process_group(ranks, self._timeout_s)
         self._world = len(ranks)
         self._rank = dist.get_rank(group=group)
 
@@ -99,8 +118,7 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         self._round = ShardedRound(
             base_optimizer=self.optimizer, master_shards=list(self.single_partition_of_fp32_groups),
             shadow_flats=shadows, group=self._acco_group, rank=self._rank, world_size=self._world,
-            comm_dtype=self.communication_data_type, grad_divisor=float(ga), clip_grad=float(self.clip_grad),
-            stream=self._stream)
+            comm_dtype=self.communication_data_type, clip_grad=float(self.clip_grad), stream=self._stream)
         self._shadows = shadows
         self._worker = AccoCommWorker(self._round.run)
 
@@ -111,6 +129,12 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         self._round_index = 0
         self._step = 0  # committed steps launched
         self._commit_pending = False
+        self._direct_commit = False  # the caller ended the step inside an estimate half (see end_step_early)
+        self._caller_ended_step = False  # this step was ended by the caller (end_step_early)
+        self._step_micro = 0  # this rank's micro-batches since the last commit boundary
+        self.caller_normalized_loss = False  # backward(scale_wrt_gas=False): the caller divided the loss itself
+        self.caller_boundary: bool | None = None  # the caller's set_gradient_accumulation_boundary (None: ACCO's)
+        self._warned_short_steps = False
         self._half_start = time.perf_counter()
         self._half_compute: dict[int, float] = {}
         self.overflow = False
@@ -119,6 +143,7 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         self._nonfinite_last_step = 0
         # Checkpoints (see the "checkpoints" section below).
         self._live_backup: list[torch.Tensor] | None = None
+        self._committed_in_model = False
         self._engine_micro_steps: int | None = None
         self.loaded_acco_state = False
         self.loaded_engine_micro_steps: int | None = None
@@ -148,18 +173,26 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         """No-op: gradients are reduced by the background rounds."""
 
     def backward_epilogue(self, *args: Any, **kwargs: Any) -> None:
-        """End of one micro-batch's backward: count it, and launch an estimate round if one is due."""
+        """End of one micro-batch's backward: count it; launch an estimate round or mark the commit, when due.
+
+        Who ends an optimizer step: ACCO (every ``gradient_accumulation_steps`` micro-batches, or
+        adaptively), unless the caller manages the boundary itself (``caller_boundary`` not None:
+        ``engine.set_gradient_accumulation_boundary`` before the backward, as the HF Trainer and
+        accelerate do); then the step ends at the caller's ``engine.step()`` after a True, and ACCO
+        only decides where its estimate half ends.
+        """
         if self._commit_pending:
             raise RuntimeError(
                 "ACCO: a micro-batch's backward ran while a commit boundary was pending. Call engine.step() "
-                "after every engine.backward() (with a Trainer/accelerate, keep the DeepSpeed "
-                "gradient_accumulation_steps equal to the Trainer's).")
+                "after every engine.backward() (or manage the boundary with "
+                "engine.set_gradient_accumulation_boundary, as the HF Trainer and accelerate do).")
         self._micro += 1
+        self._step_micro += 1
         if not self._boundary_reached():
             return
         if self._next_kind is RoundKind.ESTIMATE:
             self._launch_boundary()
-        else:
+        elif self.caller_boundary is None:
             self._commit_pending = True
 
     def _boundary_reached(self) -> bool:
@@ -175,20 +208,81 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         return self._commit_pending
 
     # ------------------------------------------------------------------ boundaries
+    def end_step_early(self) -> None:
+        """The caller ends the optimizer step at this micro-batch (see ``acco-algorithm.md``, caller-forced boundaries).
+
+        ``engine.set_gradient_accumulation_boundary(True)`` then ``engine.step()``, as the HF Trainer
+        and accelerate do at every step and with fewer micro-batches at the end of an epoch. In a
+        commit half (or in dpu mode) the next ``step()`` launches the commit round with what has
+        accumulated, the estimate's half included; the schedule then goes on as usual. In an estimate
+        half there is no estimate of the next step yet: the next ``step()`` waits for the commit in
+        flight, commits the micro-batches of this half alone, waits for that too and restarts the
+        pipeline from the new committed weights, as at the start of training (both waits are exposed).
+        With adaptive accumulation the ranks can be in different halves here (they end their estimate
+        halves at different micro-batches); one all-reduce on the data-parallel group finds out, and a
+        rank still in its estimate half while another is in its commit half launches its estimate
+        round first, so every rank runs the same rounds. Every rank must end the same step here: the
+        caller manages every boundary (accelerate, the HF Trainer), or ends the step within its first
+        ``gradient_accumulation_steps`` micro-batches, before ACCO's own adaptive commit could.
+
+        Raises:
+            RuntimeError: no micro-batch was accumulated since the last optimizer step.
+        """
+        if self._step_micro == 0:
+            raise RuntimeError("ACCO: the caller ended an optimizer step (set_gradient_accumulation_boundary(True) "
+                               "and engine.step()) with no micro-batch accumulated since the last step; call "
+                               "engine.step() once per step, after that step's backward passes")
+        in_estimate_half = self._next_kind is RoundKind.ESTIMATE
+        if self._adaptive:  # every rank takes part, also one whose own commit boundary is this micro-batch
+            halves = torch.tensor([float(in_estimate_half), float(not in_estimate_half)],
+                                  device=self.bit16_groups_flat[0].device)
+            dist.all_reduce(halves, group=self.dp_process_group)
+            if in_estimate_half and float(halves[1]) > 0:
+                self._launch_boundary(RoundKind.ESTIMATE)
+                in_estimate_half = False
+        if self._commit_pending:
+            return
+        if in_estimate_half and not self._warned_short_steps:
+            self._warned_short_steps = True
+            logger.warning(f"ACCO: the caller ended an optimizer step after {self._step_micro} micro-batch(es), "
+                           f"inside the estimate half (the first {self._min_micro} of "
+                           f"gradient_accumulation_steps={self._ga}): that step waits for its commit round. Fine "
+                           "at the end of an epoch; if every step is this short, set DeepSpeed's "
+                           "gradient_accumulation_steps to the caller's (logged once)")
+        self._direct_commit = in_estimate_half
+        self._caller_ended_step = True
+        self._commit_pending = True
+
     def step(self, closure: Any = None) -> None:
         """The engine's accumulation boundary: launch the commit round of this step."""
         if not self._commit_pending:
             raise RuntimeError("ACCO: optimizer.step() was called before the step's micro-batches were "
                                "accumulated; let engine.step() decide the boundary")
         self._commit_pending = False
-        self._launch_boundary()
+        direct, self._direct_commit = self._direct_commit, False
+        self._launch_boundary(RoundKind.COMMIT)
+        self._caller_ended_step = False
+        if direct:  # no estimate exists for the next step: wait for this commit and start again from it
+            self._finish_round(self._wait_in_flight())
+            self._half_start = time.perf_counter()
         self.overflow = False  # decided by the round; the LR scheduler steps once per commit
         if self.metrics.history:
             self._global_grad_norm = self.metrics.history[-1].grad_norm
 
-    def _launch_boundary(self) -> None:
+    def _loss_divisor(self, kind: RoundKind) -> float:
+        """What each micro-batch's loss of this round was divided by (see ``RoundSpec.loss_divisor``).
+
+        DeepSpeed's backward divides by ``gradient_accumulation_steps``. A caller that normalizes
+        the loss itself (``backward(scale_wrt_gas=False)``, the HF Trainer) divides a short step's
+        losses by that step's micro-batch count instead; only its commit can know the count.
+        """
+        if kind is RoundKind.COMMIT and self.caller_normalized_loss and self._caller_ended_step:
+            return float(self._step_micro)
+        return float(self._ga)
+
+    def _launch_boundary(self, kind: RoundKind | None = None) -> None:
         now = time.perf_counter()
-        kind = self._next_kind
+        kind = kind or self._next_kind
         record = self.metrics.open(self._step)
         record.compute_s += now - self._half_start
         loss_scale = float(self.loss_scale)
@@ -204,7 +298,7 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
                          num_micro_batches=self._micro, loss_scale=loss_scale,
                          hyperparams=[{k: v for k, v in g.items() if k not in _HYPERPARAM_SKIP}
                                       for g in self.optimizer.param_groups],
-                         ready_event=ready)
+                         loss_divisor=self._loss_divisor(kind), ready_event=ready)
         self._in_flight = self._worker.submit(spec)
         self._round_index += 1
         self._compute_buffer ^= 1
@@ -213,6 +307,7 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         self._micro = 0
         if kind is RoundKind.COMMIT:
             self._step += 1
+            self._step_micro = 0
         if self._mode == "acco":
             self._next_kind = RoundKind.COMMIT if kind is RoundKind.ESTIMATE else RoundKind.ESTIMATE
         self._half_start = time.perf_counter()
@@ -291,6 +386,7 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
 
         Micro-batches accumulated since the last boundary are dropped (none are, at a step boundary).
         """
+        self.leave_committed()
         if self._in_flight is not None:
             kind = self._in_flight.spec.kind
             result = self._wait_in_flight()
@@ -308,7 +404,10 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
                 buf.zero_()
         self._round.reset()
         self._micro = 0
+        self._step_micro = 0
         self._commit_pending = False
+        self._direct_commit = False
+        self._caller_ended_step = False
         self._next_kind = RoundKind.ESTIMATE if self._mode == "acco" else RoundKind.COMMIT
         self._half_start = time.perf_counter()
 
@@ -353,27 +452,67 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
             return self._shadows
         return self.bit16_groups_flat
 
+    @property
+    def committed_in_model(self) -> bool:
+        """Whether the model holds the committed weights in place of the live ones (see ``enter_committed``)."""
+        return self._committed_in_model
+
+    def enter_committed(self) -> None:
+        """Drain, then put the committed weights into the model; the live ones wait aside until ``leave_committed``.
+
+        For reads from outside a training step (evaluation, a save). No training may happen in between:
+        ``AccoEngine.backward`` refuses it.
+        """
+        if self._committed_in_model:
+            return
+        self.drain()
+        committed = self.committed_flats()
+        if committed is not self.bit16_groups_flat:
+            self._live_backup = [flat.clone() for flat in self.bit16_groups_flat]
+            for live, src in zip(self.bit16_groups_flat, committed):
+                live.copy_(src)
+        self._committed_in_model = True
+
+    def leave_committed(self) -> None:
+        """Put the live weights back (after ``enter_committed``); training continues bit for bit."""
+        if not self._committed_in_model:
+            return
+        if self._live_backup is not None:
+            for live, backup in zip(self.bit16_groups_flat, self._live_backup):
+                live.copy_(backup)
+            self._live_backup = None
+        self._committed_in_model = False
+
     @contextlib.contextmanager
     def committed_parameters_loaded(self) -> Iterator[None]:
-        """Drain; inside, the model's parameters are the committed ones; afterwards the live ones again.
+        """Drain; inside, the model's parameters are the committed ones; afterwards as they were before.
 
         ``AccoEngine.save_checkpoint`` saves inside it, so the checkpoint's module weights match the
         optimizer's master weights, and training after the save continues bit for bit as without it.
         """
+        entered = not self._committed_in_model
+        self.enter_committed()
+        try:
+            yield
+        finally:
+            if entered:
+                self.leave_committed()
+
+    def committed_copy(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """A copy of the committed value of a tensor that views a live model parameter (a ``state_dict``
+        entry); None when the tensor is no such view or the live weights are the committed ones."""
+        if self._committed_in_model or isinstance(tensor, torch.nn.Parameter):
+            return None
         self.drain()
         committed = self.committed_flats()
         if committed is self.bit16_groups_flat:
-            yield
-            return
-        self._live_backup = [flat.clone() for flat in self.bit16_groups_flat]
-        try:
-            for live, src in zip(self.bit16_groups_flat, committed):
-                live.copy_(src)
-            yield
-        finally:
-            for live, backup in zip(self.bit16_groups_flat, self._live_backup):
-                live.copy_(backup)
-            self._live_backup = None
+            return None
+        for live, src in zip(self.bit16_groups_flat, committed):
+            start = (tensor.data_ptr() - live.data_ptr()) // live.element_size()
+            if tensor.dtype == live.dtype and tensor.is_contiguous() and 0 <= start and \
+                    start + tensor.numel() <= live.numel() and tensor.device == live.device:
+                return src.narrow(0, start, tensor.numel()).view_as(tensor).clone()
+        return None
 
     def _partition(self, flat: torch.Tensor) -> torch.Tensor:
         size = flat.numel() // self._world
@@ -411,7 +550,7 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
             }
         carried = self._round._carried
         return {
-            "format": 1,
+            "format": 2,
             "mode": self._mode,
             "min_micro": self._min_micro,
             "world_size": self._world,
@@ -419,6 +558,7 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
             "step": self._step,
             "round_index": self._round_index,
             "micro": self._micro,
+            "step_micro": self._step_micro,
             "commit_pending": self._commit_pending,
             "next_kind": self._next_kind.value,
             "nonfinite_steps": self._nonfinite_steps,
@@ -485,7 +625,7 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
     def _incompatible(self, acco: dict[str, Any] | None) -> str | None:
         if acco is None:
             return "the checkpoint has no ACCO state"
-        if acco.get("format") != 1:
+        if acco.get("format") not in (1, 2):
             return f"unknown ACCO state format {acco.get('format')!r}"
         saved = (acco["mode"], acco["min_micro"], acco["world_size"], acco["flat_numels"])
         current = (self._mode, self._min_micro, self._world, [f.numel() for f in self.bit16_groups_flat])
@@ -516,12 +656,16 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
             self._in_flight = handle
         device = self.bit16_groups_flat[0].device
         if acco["carried"] is not None:
-            self._round._carried = [t.to(device) for t in acco["carried"]]
+            # Format 1 (0.1.x) carried the estimate's sums multiplied by gradient_accumulation_steps.
+            undo = 1.0 / self._ga if acco["format"] == 1 else 1.0
+            self._round._carried = [t.to(device) * undo for t in acco["carried"]]
             self._round._carried_count = acco["carried_count"]
         if acco["accumulated"] is not None:
             for buf, saved in zip(self._buffers[self._compute_buffer], acco["accumulated"]):
                 buf.copy_(saved)
         self._micro = acco["micro"]
+        in_commit_half = self._mode == "acco" and acco["next_kind"] == RoundKind.COMMIT.value
+        self._step_micro = acco.get("step_micro", self._micro + (self._min_micro if in_commit_half else 0))
         self._commit_pending = acco["commit_pending"]
         self._next_kind = RoundKind(acco["next_kind"])
         self._step = acco["step"]
@@ -539,6 +683,7 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         Nothing else changes here, so a load that finds no checkpoint leaves training as it was.
         A failed round is only logged: the load replaces the state it was writing.
         """
+        self.leave_committed()
         try:
             self.drain()
         except AccoRoundError as err:

@@ -105,6 +105,10 @@ class RoundSpec:
     loss_scale: float
     hyperparams: list[dict[str, Any]]
     """Optimizer hyper-parameters (lr, ...) of each group, read when the round was launched."""
+    loss_divisor: float = 1.0
+    """What each micro-batch's loss was divided by before its backward (``gradient_accumulation_steps``
+    as DeepSpeed's backward divides it; the step's micro-batch count for a caller that normalized a
+    short step itself). The round multiplies it back and divides by the global micro-batch count."""
     ready_event: Any = None
     """CUDA event recorded on the compute stream after the last accumulation (None on CPU)."""
 
@@ -187,7 +191,7 @@ class ShardedRound:
 
     def __init__(self, *, base_optimizer: torch.optim.Optimizer, master_shards: list[torch.Tensor],
                  shadow_flats: list[torch.Tensor], group: Any, rank: int, world_size: int,
-                 comm_dtype: torch.dtype, grad_divisor: float, clip_grad: float, stream: Any = None) -> None:
+                 comm_dtype: torch.dtype, clip_grad: float, stream: Any = None) -> None:
         self.base_optimizer = base_optimizer
         self.master_shards = master_shards
         self.shadow_flats = shadow_flats
@@ -195,7 +199,6 @@ class ShardedRound:
         self.rank = rank
         self.world_size = world_size
         self.comm_dtype = comm_dtype
-        self.grad_divisor = grad_divisor
         self.clip_grad = clip_grad
         self.stream = stream
         self._carried: list[torch.Tensor] | None = None
@@ -222,7 +225,7 @@ class ShardedRound:
                 sums = self._reduce_scatter_grads(spec)
             with _timed(phase, "norm"):
                 counts, total, sumsq = self._all_reduce_counts_and_norm(spec, sums)
-            norm = (sumsq ** 0.5) / total if total else 0.0
+            norm = (sumsq ** 0.5) * spec.loss_divisor / total if total else 0.0
             overflow = not (sumsq == sumsq and sumsq != float("inf"))
             with _timed(phase, "step"):
                 self._step_shard(spec, sums, total, norm, overflow)
@@ -248,8 +251,8 @@ class ShardedRound:
             send = flat if flat.dtype == self.comm_dtype else flat.to(self.comm_dtype)
             shard = torch.empty(flat.numel() // self.world_size, dtype=self.comm_dtype, device=flat.device)
             dist.reduce_scatter_tensor(shard, send, op=dist.ReduceOp.SUM, group=self.group)
-            # Undo the engine's 1/GA loss division and the loss scale: a plain sum of per-micro-batch grads.
-            summed = shard.to(torch.float32).mul_(self.grad_divisor / spec.loss_scale)
+            # Undo the loss scale: a sum of per-micro-batch gradients, each still divided by spec.loss_divisor.
+            summed = shard.to(torch.float32).mul_(1.0 / spec.loss_scale)
             if spec.kind is RoundKind.COMMIT and self._carried is not None:
                 summed.add_(self._carried[i])
             sums.append(summed)
@@ -281,7 +284,7 @@ class ShardedRound:
             for shard, flat in zip(self.master_shards, self.shadow_flats):
                 self._shard(flat).copy_(shard)
             return
-        scale = 1.0 / total
+        scale = spec.loss_divisor / total
         if self.clip_grad > 0 and (norm + 1e-6) / self.clip_grad > 1:
             scale *= self.clip_grad / (norm + 1e-6)
         saved = snapshot_state(self.base_optimizer, self.master_shards) if spec.kind is RoundKind.ESTIMATE else None

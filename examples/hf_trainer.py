@@ -1,9 +1,10 @@
 """ACCO under the Hugging Face ``Trainer``: ``deepspeed_acco.install()`` and a DeepSpeed JSON config.
 
 The Trainer builds the DeepSpeed engine through accelerate, which calls plain
-``deepspeed.initialize``; ``install()`` makes that call honour the config's ``"acco"`` block. The
-only other ACCO-specific piece is ``AccoFlushCallback``: it loads the last committed parameters
-into the model (``deepspeed_acco.flush``) before an evaluation, a save, and at the end of training.
+``deepspeed.initialize``; ``install()`` makes that call honour the config's ``"acco"`` block. Nothing
+else is ACCO-specific: evaluation runs on the committed weights (the model is in eval mode), and
+``save_model`` and the ``checkpoint-N/model.safetensors`` files hold them (``state_dict`` reads them);
+epochs that end with a short accumulation step are committed as under ZeRO-1.
 
 Same model and data as examples/train_lm.py (tiny GPT-2, byte-level stdlib text). At the end the
 script checks, and prints, that the Trainer's ``state.global_step`` equals the engine's committed
@@ -90,35 +91,6 @@ class WindowDataset(torch.utils.data.Dataset):
         return {"input_ids": ids, "labels": ids}
 
 
-def _make_flush_callback() -> Any:
-    from transformers import TrainerCallback
-
-    class AccoFlushCallback(TrainerCallback):
-        """Loads the committed parameters into the model before evaluations, saves, and at the end.
-
-        ``on_step_end`` runs after DefaultFlowCallback has decided this step's evaluation and save,
-        so a flush there precedes both. Saves of the DeepSpeed checkpoint flush by themselves.
-        """
-
-        def __init__(self) -> None:
-            self.trainer: Any = None
-            self.flushes = 0
-
-        def _flush(self) -> None:
-            if self.trainer is not None and self.trainer.model_wrapped is not None:
-                deepspeed_acco.flush(self.trainer.model_wrapped)
-                self.flushes += 1
-
-        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            if control.should_evaluate or control.should_save or control.should_training_stop:
-                self._flush()
-
-        def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self._flush()
-
-    return AccoFlushCallback()
-
-
 def params_checksum(model: torch.nn.Module) -> str:
     """SHA-256 of every parameter's bytes, in name order."""
     digest = hashlib.sha256()
@@ -191,16 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     model = train_lm.build_model(args, corpus.vocab_size, corpus.eot_id)
     eval_tokens = np.concatenate([b.numpy().reshape(-1) for b in train_lm.heldout_batches(
         corpus.heldout, args.eval_batches, training_args.per_device_eval_batch_size, args.seq_len)])
-    flush_callback = _make_flush_callback()
     trainer = Trainer(model=model, args=training_args, train_dataset=WindowDataset(corpus.train, args.seq_len),
-                      eval_dataset=WindowDataset(eval_tokens, args.seq_len), callbacks=[flush_callback])
-    flush_callback.trainer = trainer
+                      eval_dataset=WindowDataset(eval_tokens, args.seq_len))
     trainer.train()
     final_eval = trainer.evaluate()["eval_loss"]
 
     engine = trainer.model_wrapped
     checks = run_checks(trainer, engine, acco.enabled)
-    checks.append(("flush callback ran", flush_callback.flushes >= 2, f"{flush_callback.flushes} flushes"))
     if rank == 0:
         evals = [(e["step"], e["eval_loss"]) for e in trainer.state.log_history if "eval_loss" in e][:-1]
         print(f"held-out loss by step: {', '.join(f'{s}: {x:.4f}' for s, x in evals)}; after training "

@@ -433,15 +433,14 @@ def load_ds_config(args: argparse.Namespace) -> dict[str, Any]:
 def evaluate(engine: Any, batches: list[torch.Tensor], train_window: tuple[float, int]) -> tuple[float, float]:
     """Held-out loss of the committed weights, and the all-rank mean train loss since the last call.
 
-    Flushes ACCO first (waits for the round in flight and loads the committed parameters), so no
-    background collective runs during the all-reduce. Rank ``r`` evaluates batches ``r::world``;
-    one all-reduce combines them, so every rank returns the same figures.
+    In eval mode the model holds the committed weights (with ACCO, see ``deepspeed_acco.committed``);
+    back in train mode training goes on exactly as without the evaluation. Rank ``r`` evaluates
+    batches ``r::world``; one all-reduce combines them, so every rank returns the same figures.
     """
-    deepspeed_acco.flush(engine)
     rank, world = dist.get_rank(), dist.get_world_size()
     model = engine.module
-    was_training = model.training
-    model.eval()
+    was_training = engine.training
+    engine.eval()
     total = torch.zeros(4, dtype=torch.float64, device=engine.device)
     with torch.no_grad():
         for batch in batches[rank::world]:
@@ -450,7 +449,7 @@ def evaluate(engine: Any, batches: list[torch.Tensor], train_window: tuple[float
             total[1] += 1
     total[2], total[3] = train_window
     dist.all_reduce(total)
-    model.train(was_training)
+    engine.train(was_training)
     values = total.tolist()
     return values[0] / max(values[1], 1), (values[2] / values[3] if values[3] else float("nan"))
 
@@ -466,16 +465,17 @@ class MetricsLog:
     """Per-step rows: held until their ACCO record arrives (one boundary later), then appended to metrics.jsonl."""
 
     def __init__(self, path: Path | None, acco: bool, micro_batch: int, seq_len: int, world: int,
-                 samples: int, resumed_step: int | None) -> None:
+                 samples: int, resumed_step: int | None, pending: list[dict[str, Any]] | None = None) -> None:
         self.path, self.acco, self.micro_batch, self.seq_len, self.world = path, acco, micro_batch, seq_len, world
         self.samples = self.start_samples = samples
-        self.pending: list[dict[str, Any]] = []
+        self.pending: list[dict[str, Any]] = list(pending or [])  # from a checkpoint: their records come later
         self.records: list[Any] = []
         self.rows: list[dict[str, Any]] = []
         self.new_rows: list[dict[str, Any]] = []
         if path is not None and resumed_step is not None and path.exists():
             kept = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-            self.rows = [r for r in kept if r["step"] <= resumed_step]
+            last = self.pending[0]["step"] - 1 if self.pending else resumed_step
+            self.rows = [r for r in kept if r["step"] <= last]
             path.write_text("".join(json.dumps(r) + "\n" for r in self.rows))
         elif path is not None:
             path.write_text("")
@@ -484,7 +484,7 @@ class MetricsLog:
                  grad_norm: float | None) -> None:
         """Queue the row of a committed step (ACCO figures are filled when the record arrives)."""
         self.pending.append({"step": step, "loss": loss, "lr": lr, "wall_s": round(wall_s, 4),
-                             "_local_micro": local_micro, "_grad_norm": grad_norm})
+                             "_micro_all_ranks": local_micro * self.world, "_grad_norm": grad_norm})
 
     def add_records(self, records: Iterable[Any]) -> None:
         """Attach ACCO step records (from ``deepspeed_acco.pop_metrics``) and write what became complete.
@@ -495,15 +495,16 @@ class MetricsLog:
         self.records.extend(records)
         self.emit()
 
-    def emit(self) -> None:
-        """Write every queued row whose ACCO record is in (all of them when ACCO is off)."""
-        while self.pending and (not self.acco or self.records):
+    def emit(self, without_records: bool = False) -> None:
+        """Write every queued row whose ACCO record is in (all of them when ACCO is off, or ``without_records``:
+        after a load that restarted ACCO's pipeline, the queued rows' records will never come)."""
+        while self.pending and (not self.acco or self.records or without_records):
             row = self.pending.pop(0)
-            record = self.records.pop(0) if self.acco else None
-            micro = record.micro_batches if record is not None else row["_local_micro"] * self.world
+            record = self.records.pop(0) if self.acco and self.records else None
+            micro = record.micro_batches if record is not None else row["_micro_all_ranks"]
             self.samples += micro * self.micro_batch
             grad_norm = row.pop("_grad_norm")
-            row.pop("_local_micro")
+            row.pop("_micro_all_ranks")
             row.update(samples=self.samples, tokens=self.samples * self.seq_len, **_acco_fields(record))
             if record is None:
                 row["grad_norm"] = grad_norm
@@ -557,7 +558,7 @@ def plot_losses(rows: list[dict[str, Any]], initial_eval: float | None, path: Pa
 
 def _fresh_state() -> dict[str, Any]:
     """Running totals a checkpoint carries over (client_state), at the start of training."""
-    return {"samples": 0, "wall_s": 0.0, "train_s": 0.0, "initial_eval_loss": None}
+    return {"samples": 0, "wall_s": 0.0, "train_s": 0.0, "initial_eval_loss": None, "pending_rows": []}
 
 
 def _resume(engine: Any, args: argparse.Namespace,
@@ -578,7 +579,7 @@ def _resume(engine: Any, args: argparse.Namespace,
         raise RuntimeError(f"DeepSpeed could not load a checkpoint from {found}")
     positions = client["data_position"]["micro_batches_per_rank"]
     local_micro = resume_position(positions, rank, world)
-    state = {k: client[k] for k in _fresh_state()}
+    state = {k: client.get(k, v) for k, v in _fresh_state().items()}
     if rank == 0:
         moved = "" if len(positions) == world else \
             f" (saved by {len(positions)} ranks at micro-batches {positions}; resuming every rank at {local_micro})"
@@ -680,7 +681,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     eval_set = heldout_batches(corpus.heldout, args.eval_batches, micro_batch, args.seq_len) \
         if args.eval_batches > 0 else []
     log = MetricsLog(out / "metrics.jsonl" if rank == 0 else None, acco.enabled, micro_batch, args.seq_len, world,
-                     state["samples"], resumed_step)
+                     state["samples"], resumed_step, state["pending_rows"])
+    if acco.enabled and log.pending and not engine.optimizer.loaded_acco_state:
+        log.emit(without_records=True)  # e.g. a universal checkpoint: ACCO's pipeline restarted
     if rank == 0:
         print(f"data: {corpus.description}; {len(corpus.train):,} train tokens, {len(corpus.heldout):,} held-out\n"
               f"model: {args.model or f'{args.arch} {args.preset}'}, {n_params:,} params, seq_len {args.seq_len}; "
@@ -778,13 +781,16 @@ def _update_bar(bar: Any, log: MetricsLog, loss: float, train_s: float) -> None:
 
 
 def _save(engine: Any, save_dir: Path, local_micro: int, log: MetricsLog, totals: dict[str, Any]) -> None:
-    """``engine.save_checkpoint`` with every rank's data position and the running totals in client_state."""
-    deepspeed_acco.flush(engine)  # nothing may be in flight while the main thread gathers
+    """``engine.save_checkpoint`` with every rank's data position and the running totals in client_state.
+
+    The save does not disturb training. The rows of steps whose ACCO record has not arrived yet (it comes
+    with the step's commit round) go into the checkpoint, so a resumed run writes them when it gets them.
+    """
     positions = [0] * dist.get_world_size()
     dist.all_gather_object(positions, local_micro)
     log.add_records(deepspeed_acco.pop_metrics(engine))
-    assert not log.pending, "after a flush every committed step has its record"
-    client = {"data_position": {"micro_batches_per_rank": positions}, "samples": log.samples, **totals}
+    client = {"data_position": {"micro_batches_per_rank": positions}, "samples": log.samples,
+              "pending_rows": log.pending, **totals}
     engine.save_checkpoint(str(save_dir), tag=f"step{engine.global_steps}", client_state=client)
 
 

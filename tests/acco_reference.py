@@ -36,6 +36,11 @@ Schedules (``T = num_steps``, ``GA = gradient_accumulation_steps``):
 With ``counts`` (adaptive accumulation), rank ``rank`` contributes ``counts[r][rank]``
 micro-batches to round ``r`` and the divisor of a round is ``sum(counts[r])`` (for an ACCO
 commit, ``sum(counts[2t]) + sum(counts[2t + 1])``).
+
+Caller-forced boundaries (short steps) are given per step with ``step_rounds``: a short step
+has fewer micro-batches; an ACCO step that the caller ends inside its estimate half has a single
+round, which commits the micro-batches of that half (computed at ``theta~_t``) with no estimate,
+and the next step computes its first half at ``theta_{t+1}``, as at the start of training.
 """
 
 from __future__ import annotations
@@ -281,6 +286,20 @@ def _check_counts(
             raise ValueError(f"counts[{r}] has a negative entry")
 
 
+def _check_step_rounds(
+    step_rounds: list[list[list[int]]], mode: Mode, num_steps: int, num_ranks: int
+) -> None:
+    """Validate ``step_rounds``: one entry per step, 1 or 2 rounds (2 only in acco), counts per rank."""
+    if len(step_rounds) != num_steps:
+        raise ValueError(f"step_rounds has {len(step_rounds)} steps, expected {num_steps}")
+    for t, rounds in enumerate(step_rounds):
+        if not 1 <= len(rounds) <= rounds_per_step(mode):
+            raise ValueError(f"step {t} has {len(rounds)} rounds; {mode} allows 1..{rounds_per_step(mode)}")
+        _check_counts(rounds, len(rounds), num_ranks)
+        if sum(sum(r) for r in rounds) < 1:
+            raise ValueError(f"step {t} has no micro-batch")
+
+
 def reference_train(
     model: torch.nn.Module,
     batches: list[list[tuple[torch.Tensor, torch.Tensor]]],
@@ -295,6 +314,7 @@ def reference_train(
     weight_decay: float = 0.0,
     max_grad_norm: float = 0.0,
     counts: list[list[int]] | None = None,
+    step_rounds: list[list[list[int]]] | None = None,
     initial_state: dict[str, Any] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Simulate ``len(batches)`` data-parallel ranks and return the committed parameters.
@@ -317,6 +337,12 @@ def reference_train(
         counts: adaptive accumulation, ``counts[r][rank]`` micro-batches contributed by
             ``rank`` to round ``r`` (acco rounds are ``E0, C0, E1, C1, ...``); overrides
             ``k`` / ``GA``.
+        step_rounds: the rounds of every committed step, each a list of per-rank micro-batch
+            counts; overrides ``counts``. acco: ``[estimate, commit]``, or ``[commit]`` alone
+            for a step that the caller ended inside its estimate half (it commits those
+            micro-batches, computed at theta~_t, and the next step starts again from
+            theta_{t+1}, as at the start of training); dpu and sync: ``[round]``. A short step
+            (caller-forced boundary) is a step with fewer micro-batches.
         initial_state: start from a saved run instead of ``model``'s weights and a fresh AdamW:
             ``{"flat": fp32 parameters, "exp_avg": ..., "exp_avg_sq": ...}`` (flat vectors in
             ``model.named_parameters()`` order) and ``"step"`` (AdamW steps taken). The learning
@@ -333,20 +359,23 @@ def reference_train(
     if num_ranks < 1:
         raise ValueError("need at least one rank")
     ga = gradient_accumulation_steps
-    if counts is None:
+    if counts is None and step_rounds is None:
         if ga < 1:
             raise ValueError("gradient_accumulation_steps must be >= 1")
         if mode == "acco" and ga % 2 != 0:
             raise ValueError("acco needs an even gradient_accumulation_steps")
-    _check_counts(counts, rounds_per_step(mode) * num_steps, num_ranks)
+    if step_rounds is None:
+        _check_counts(counts, rounds_per_step(mode) * num_steps, num_ranks)
 
     per_round = ga // 2 if mode == "acco" else ga
-
-    def round_counts(r: int) -> list[int]:
-        """Per-rank micro-batch counts of round ``r``."""
-        if counts is not None:
-            return list(counts[r])
-        return [per_round] * num_ranks
+    if step_rounds is None:
+        per_step = rounds_per_step(mode)
+        step_rounds = [
+            [list(counts[per_step * t + r]) if counts is not None else [per_round] * num_ranks
+             for r in range(per_step)]
+            for t in range(num_steps)
+        ]
+    _check_step_rounds(step_rounds, mode, num_steps, num_ranks)
 
     sim = Simulator(
         model, batches, loss_fn, lr, betas, eps, weight_decay, max_grad_norm
@@ -354,31 +383,28 @@ def reference_train(
     if initial_state is not None:
         sim.load_flat_state(initial_state)
 
-    if mode == "sync":
-        for t in range(num_steps):
-            sums, count = sim.accumulate(sim.snapshot_params(), round_counts(t))
-            sim.step(sums, count, t)
-    elif mode == "dpu":
-        compute_at = sim.snapshot_params()  # theta_{-1} = theta_0
-        for t in range(num_steps):
-            sums, count = sim.accumulate(compute_at, round_counts(t))
-            compute_at = sim.snapshot_params()  # theta_t, loaded at this boundary
-            sim.step(sums, count, t)  # theta_{t+1} = Opt(theta_t, G(theta_{t-1}))
-    else:
-        if num_steps > 0:
-            # G~_0 at theta~_0 = theta_0.
-            est_sums, est_count = sim.accumulate(sim.snapshot_params(), round_counts(0))
-        for t in range(num_steps):
-            # Estimate round 2t: theta~_{t+1} = Opt(theta_t, G~_t), then exact rollback.
+    # Where the first (or only) round of the next step computes its gradients: theta_0 at the
+    # start; then theta~_{t+1} (acco), theta_t (dpu: one step stale) or theta_{t+1} (sync, and
+    # acco after a step the caller ended inside its estimate half: the pipeline restarts there).
+    compute_at = sim.snapshot_params()
+    for t, rounds in enumerate(step_rounds):
+        first_sums, first_count = sim.accumulate(compute_at, rounds[0])
+        if mode == "acco" and len(rounds) == 2:
+            # Estimate round: theta~_{t+1} = Opt(theta_t, G~_t), then exact rollback.
             # Meanwhile the compute side accumulates G_t at theta_t.
             theta_t = sim.snapshot_params()
-            theta_est = sim.tentative_step(est_sums, est_count, t)
-            sums, count = sim.accumulate(theta_t, round_counts(2 * t + 1))
-            # Commit round 2t+1: theta_{t+1} = Opt(theta_t, (G~_t + G_t) / (c~ + c)).
-            total = [a + b for a, b in zip(est_sums, sums, strict=True)]
-            sim.step(total, est_count + count, t)
-            # Meanwhile the compute side accumulates G~_{t+1} at theta~_{t+1};
-            # nothing is consumed after the last commit (final flush).
-            if t + 1 < num_steps:
-                est_sums, est_count = sim.accumulate(theta_est, round_counts(2 * t + 2))
+            theta_est = sim.tentative_step(first_sums, first_count, t)
+            sums, count = sim.accumulate(theta_t, rounds[1])
+            # Commit round: theta_{t+1} = Opt(theta_t, (G~_t + G_t) / (c~ + c)); meanwhile the
+            # compute side accumulates G~_{t+1} at theta~_{t+1}.
+            total = [a + b for a, b in zip(first_sums, sums, strict=True)]
+            sim.step(total, first_count + count, t)
+            compute_at = theta_est
+        elif mode == "dpu":
+            compute_at = sim.snapshot_params()  # theta_t, loaded at this boundary
+            sim.step(first_sums, first_count, t)  # theta_{t+1} = Opt(theta_t, G(theta_{t-1}))
+        else:
+            # sync; or acco's commit of an estimate half alone (no estimate round), then restart.
+            sim.step(first_sums, first_count, t)
+            compute_at = sim.snapshot_params()
     return sim.result()

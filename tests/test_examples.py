@@ -167,7 +167,8 @@ def test_resume_continues_steps_data_and_loss(tmp_path: Path, acco_run: tuple[Pa
     assert abs(after["loss"] - before["loss"]) < 0.3 and after["loss"] < rows[0]["loss"] - 0.5, (before, after)
     assert after["samples"] == before["samples"] + 64, "the sample count continues"
     # The checkpoint holds everything the run depends on (weights, Adam state, LR schedule, data
-    # position): the resumed steps repeat the uninterrupted run's steps, which also flushed at step 10.
+    # position), and neither the save nor the evaluations disturb training: the resumed steps repeat the
+    # uninterrupted run's steps.
     reference = {r["step"]: r for r in read_metrics(acco_run[0])}
     for row in rows[RESUME_FROM:]:
         assert row["loss"] == pytest.approx(reference[row["step"]]["loss"], rel=1e-5), (row, reference[row["step"]])
@@ -195,6 +196,38 @@ def test_resume_at_another_world_size(tmp_path: Path) -> None:
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
     assert rows[4]["samples"] == rows[3]["samples"] + 3 * 4 * 8, "3 ranks x GA 4 x micro-batch 8 per step"
     assert rows[4]["lr"] > 0 and rows[5]["loss"] < rows[0]["loss"], rows
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_accelerate_example_under_both_launchers(tmp_path: Path) -> None:
+    """examples/accelerate_train.py (install() + the JSON block only) under ``accelerate launch`` and under
+    ``deepspeed``: 2 epochs of 22 micro-batches per rank (each ending with a short step), 12 steps, the held-out
+    loss falls, the same figures under both launchers, the saved model's weights."""
+    import re
+
+    accelerate = Path(sys.executable).parent / "accelerate"
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1"}
+    env.pop("PYTHONPATH", None)
+    cmd = [str(accelerate) if accelerate.exists() else "accelerate", "launch", "--config_file",
+           str(REPO / "examples" / "accelerate_config.yaml"), "--main_process_port", str(free_port()),
+           str(REPO / "examples" / "accelerate_train.py"), "--output_dir", str(tmp_path / "accelerate")]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    by_accelerate = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(cmd)} exited {proc.returncode}:\n{by_accelerate[-6000:]}"
+    by_deepspeed = launch("accelerate_train.py", "--deepspeed_config", str(ACCO_CONFIG), "--output_dir",
+                          str(tmp_path / "deepspeed"))
+    figures = []
+    for output in (by_accelerate, by_deepspeed):
+        assert_ranks_done(output, "accelerate_train done")
+        assert "2 processes, 22 micro-batches per process per epoch" in output, output[-3000:]
+        done = re.search(r"\[rank 0\] accelerate_train done: held-out loss ([0-9.]+) -> ([0-9.]+), (\d+) steps", output)
+        assert done is not None, output[-3000:]
+        figures.append(done.groups())
+    print(f"accelerate example (initial, final held-out loss, steps): accelerate launch {figures[0]}, "
+          f"deepspeed {figures[1]}")
+    assert figures[0] == figures[1] and figures[0][2] == "12" and float(figures[0][1]) < float(figures[0][0]) - 0.5
+    assert (tmp_path / "accelerate" / "model.safetensors").exists()
 
 
 @pytest.mark.slow

@@ -47,6 +47,12 @@ JOBS: dict[str, tuple[Any, ...]] = {
     "acco_sched": (base_config(GA, LR, scheduler=SCHED, **_acco()), 4, SEED),
     "acco_clip": (base_config(GA, LR, gradient_clipping=0.05, **_acco()), STEPS, SEED),
     "adaptive": ADAPTIVE,
+    # The caller ends steps early (set_gradient_accumulation_boundary(True) + step): in the commit half, at the
+    # estimate boundary and inside the estimate half ({step: micro-batches of that step}).
+    "forced_acco": (base_config(GA, LR, **_acco()), 5, SEED, {"force_in_step": {1: 3, 2: 2, 3: 1}}),
+    "forced_acco_prescaled": (base_config(GA, LR, **_acco()), 5, SEED, {"force_in_step": {3: 1}, "prescaled": True}),
+    "forced_dpu": (base_config(GA, LR, **_acco(mode="dpu")), 4, SEED, {"force_in_step": {1: 3, 2: 1}}),
+    "forced_adaptive": (ADAPTIVE[0], 5, SEED, {"slow_s": 0.15, "force_in_step": {1: 3, 2: 4, 3: 1}}),
 }
 LOW_PRECISION_JOBS: dict[str, tuple[Any, ...]] = {
     "bf16": (base_config(GA, 3e-2, bf16={"enabled": True}, **_acco()), 8, SEED, {"dtype": "bf16", "repeat": 2}),
@@ -260,6 +266,43 @@ def test_metrics_recorded_and_sent_to_monitor(runs: dict[str, Any], monitor_dir:
     written = {p.name for p in monitor_dir.rglob("*.csv")}
     print("monitor files:", sorted(written))
     assert any("exposed_wait_s" in name for name in written) and any("commit_round_s" in name for name in written)
+
+
+FORCED_ROUNDS = {
+    "forced_acco": [[[2, 2], [2, 2]], [[2, 2], [1, 1]], [[2, 2], [0, 0]], [[1, 1]], [[2, 2], [2, 2]]],
+    "forced_dpu": [[[4, 4]], [[3, 3]], [[1, 1]], [[4, 4]]],
+}
+
+
+@pytest.mark.parametrize("job,mode", [("forced_acco", "acco"), ("forced_dpu", "dpu"), ("forced_adaptive", "acco")])
+def test_caller_forced_boundaries(runs: dict[str, Any], job: str, mode: str) -> None:
+    """Steps the caller ends early (in each half, acco, dpu, adaptive) commit what they have, as the reference's
+    short steps; global_steps counts them; ranks identical."""
+    result = job_result(runs, job)
+    rounds = [m["round_counts"] for m in result[0]["metrics"]]
+    assert all(rounds == [m["round_counts"] for m in other["metrics"]] for other in result[1:])
+    print(f"FORCED {job}: rounds per step {rounds}")
+    if job in FORCED_ROUNDS:
+        assert rounds == FORCED_ROUNDS[job]
+    else:  # adaptive: the forced steps hold exactly the micro-batches the caller gave them on each rank
+        for step, per_rank in {1: 3, 2: 4, 3: 1}.items():
+            assert [sum(r[rank] for r in rounds[step]) for rank in range(WORLD)] == [per_rank] * WORLD, rounds[step]
+    diff = _max_diff(result[0]["params"], _reference(mode, steps=len(rounds), step_rounds=rounds))
+    print(f"PARITY {job} vs reference: max |diff| = {diff:.3e}")
+    assert diff < TOL
+    assert _ranks_identical(result)
+    assert result[0]["global_steps"] == len(rounds)
+
+
+def test_caller_normalized_short_steps(runs: dict[str, Any]) -> None:
+    """A caller that divides each step's losses by that step's micro-batch count and calls
+    ``backward(scale_wrt_gas=False)`` (the HF Trainer) gets the mean over a short step's micro-batches."""
+    result = job_result(runs, "forced_acco_prescaled")
+    rounds = [m["round_counts"] for m in result[0]["metrics"]]
+    assert rounds == [[[2, 2], [2, 2]]] * 3 + [[[1, 1]]] + [[[2, 2], [2, 2]]]
+    diff = _max_diff(result[0]["params"], _reference("acco", steps=len(rounds), step_rounds=rounds))
+    print(f"PARITY forced acco, caller-normalized loss, vs reference: max |diff| = {diff:.3e}")
+    assert diff < TOL
 
 
 def test_refused_job_fails_only_its_own_tests(runs: dict[str, Any]) -> None:

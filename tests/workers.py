@@ -67,8 +67,10 @@ def train_worker(rank: int, world_size: int, cfg: dict[str, Any], steps: int, se
     options: ``slow_s`` (CPU-bound work per micro-batch on rank 1, to slow it), ``use_install`` (go
     through ``install()`` + plain ``deepspeed.initialize``), ``plain_deepspeed``, ``dtype``
     ("bf16"/"fp16": cast inputs), ``inf_at`` (an inf input on rank 0 at that micro-batch), ``repeat``,
-    ``check_rollback``, ``prescaled`` (divide the loss by GA here and call ``backward(scale_wrt_gas=False)``,
-    as the HF Trainer does).
+    ``check_rollback``, ``prescaled`` (divide the loss by the step's micro-batch count here and call
+    ``backward(scale_wrt_gas=False)``, as the HF Trainer does), ``force_in_step`` ({step: j}: the caller ends
+    committed step ``step`` (0-based) after its j-th micro-batch on this rank, with
+    ``set_gradient_accumulation_boundary(True)`` before that backward, then gives the boundary back to DeepSpeed).
     """
     import deepspeed
 
@@ -99,21 +101,33 @@ def train_worker(rank: int, world_size: int, cfg: dict[str, Any], steps: int, se
         data = [data[j % opts["repeat"]] for j in range(num_micro)]
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(opts.get("dtype", ""), None)
     losses, lrs, i = [], [], 0
+    forced: dict[int, int] = opts.get("force_in_step", {})
+    in_step = 0  # this rank's micro-batches in the current step
     while engine.global_steps < steps:
         x, y = data[i]
         i += 1
+        in_step += 1
         if dtype is not None:
             x = x.to(dtype)
         if opts.get("slow_s") and rank == 1:
             _busy(opts["slow_s"])
         if opts.get("inf_at") == i and rank == 0:
             x = x * float("inf")
+        ends_here = forced.get(engine.global_steps) == in_step
+        if ends_here:
+            engine.set_gradient_accumulation_boundary(True)
         loss = engine(x, y)
         if opts.get("prescaled"):
-            engine.backward(loss / cfg["gradient_accumulation_steps"], scale_wrt_gas=False)
+            engine.backward(loss / forced.get(engine.global_steps, cfg["gradient_accumulation_steps"]),
+                            scale_wrt_gas=False)
         else:
             engine.backward(loss)
+        before = engine.global_steps
         engine.step()
+        if ends_here:
+            engine.set_gradient_accumulation_boundary(None)
+        if engine.global_steps != before:
+            in_step = 0
         losses.append(float(loss.detach()))
         lrs.append(engine.get_lr()[0])
     deepspeed_acco.flush(engine)
