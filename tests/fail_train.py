@@ -52,8 +52,11 @@ def parse_args() -> argparse.Namespace:
 
 
 def say(rank: int, text: str) -> None:
-    """One tagged, timestamped line on stdout (flushed: the launcher merges both ranks' output)."""
-    print(f"[rank {rank}] {text} t={time.time():.3f}", flush=True)
+    """One tagged, timestamped line on stdout, in one write: both ranks write to the launcher's pipe, and
+    ``print`` under PYTHONUNBUFFERED writes the text and its newline separately (another rank's line could
+    land in between)."""
+    sys.stdout.write(f"[rank {rank}] {text} t={time.time():.3f}\n")
+    sys.stdout.flush()
 
 
 def _kill_inside_round(optimizer: Any, rank: int, round_index: int) -> None:

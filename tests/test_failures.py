@@ -95,8 +95,8 @@ class Job:
         remembers the launcher tree's pids (launch.py included)."""
         deadline = time.monotonic() + timeout_s
         while True:
-            pids = {int(m.group(1)): int(m.group(2))
-                    for m in (re.search(r"\[rank (\d)\] pid=(\d+) started", line) for _, line in list(self.lines)) if m}
+            pids = {int(m.group(1)): int(m.group(2)) for _, line in list(self.lines)
+                    for m in re.finditer(r"\[rank (\d)\] pid=(\d+) started", line)}
             if len(pids) >= ranks or time.monotonic() > deadline:
                 break
             time.sleep(0.05)
