@@ -1,21 +1,25 @@
-"""ACCO benchmark on two fake hosts: ZeRO-1 vs ACCO vs DPU vs adaptive ACCO over a shaped link.
+"""ACCO benchmark on two fake hosts: ZeRO-1 vs ACCO (plain and int8 estimate) vs DPU vs adaptive ACCO.
 
 Two network namespaces (``tests/netns.py``) joined by a veth pair, each running one rank of
 ``benchmarks/worker.py`` with one thread, pinned to its own core (``taskset``), started with the
 ``env://`` rendezvous (``ip netns exec hostK env RANK=K WORLD_SIZE=2 ... python benchmarks/worker.py``).
 The link is shaped with ``tc tbf`` (both ends, full duplex) at bandwidths derived from a calibration
 run, so that ZeRO-1's ratio M/C (one round: reduce-scatter + sharded step + all-gather, against the
-compute of one optimizer step) spans the requested range. For every bandwidth the four cases run on
-the same model, data and batch; repetitions are the outer loop, bandwidths and methods are shuffled
-inside, so machine noise hits all alike. A heterogeneous run then slows one host's compute for real
-(a CPU-bandwidth quota of its cgroup: cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``) and compares
-ZeRO-1 with adaptive ACCO against the sum of the workers' standalone rates.
+compute of one optimizer step) spans the requested range, plus the unshaped link. For every bandwidth
+the cases run on the same model, data and batch; repetitions are the outer loop, bandwidths and methods
+are shuffled inside, so machine noise hits all alike. ``--presets`` runs the whole sweep for each model
+(``--quick``: the tiny GPT-2, whose micro-batch is mostly Python overhead, and the compute-dense
+``dense`` preset, whose micro-batch is matrix products), each with its own calibration. A heterogeneous
+run (first model only) then slows one host's compute for real (a CPU-bandwidth quota of its cgroup:
+cgroup v2 ``cpu.max`` or v1 ``cpu.cfs_quota_us``) and compares ZeRO-1 with adaptive ACCO against the
+sum of the workers' standalone rates.
 
     flock /tmp/acco-cpu.lock python benchmarks/run.py --quick --out benchmarks/results/quick.json
     python benchmarks/run.py --smoke --out /tmp/smoke.json          # < 2 minutes, same schema
 
 Needs root (namespaces, tc, cgroups). Writes the JSON (``{"runs", "summary", "machine", "command",
-"calibration"}``), then ``benchmarks/report.py`` turns it into a markdown table and PNG plots next to it.
+"calibration"}``, the calibration per model preset), then ``benchmarks/report.py`` turns it into a markdown
+table and PNG plots next to it.
 Namespaces, qdiscs and the cgroup are removed at exit, also on Ctrl-C or failure; every subprocess
 runs under a timeout.
 """
@@ -45,7 +49,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.worker import METHODS  # noqa: E402
 from tests.netns import FakeHosts  # noqa: E402
 
-__all__ = ["main", "parse_args", "summarize_case", "derive_bandwidths", "calibrate", "CpuQuota"]
+__all__ = ["main", "parse_args", "preset_args", "run_preset", "summarize_case", "derive_bandwidths", "calibrate",
+           "CpuQuota"]
 
 WORKER = ROOT / "benchmarks" / "worker.py"
 RANKS = 2
@@ -57,17 +62,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="4 bandwidths x 2 repetitions + heterogeneous (<15 min)")
+    mode.add_argument("--quick", action="store_true",
+                      help="2 models x (unshaped + 5 bandwidths) x 3 repetitions + heterogeneous (about 70 min)")
     mode.add_argument("--smoke", action="store_true", help="1 bandwidth, 1 repetition, few steps (<2 min)")
     p.add_argument("--out", default="benchmarks/results/quick.json", help="JSON results file")
     p.add_argument("--ratios", default=None,
-                   help="ZeRO-1 M/C ratios the bandwidths are derived for (comma-separated; quick: 0.25,0.5,2,3)")
-    p.add_argument("--reps", type=int, default=None, help="repetitions (quick: 2)")
-    p.add_argument("--steps", type=int, default=None, help="committed optimizer steps per run (quick: 14)")
+                   help="ZeRO-1 M/C ratios the bandwidths are derived for (comma-separated; 0 = the unshaped link; "
+                        "quick: 0,0.25,0.5,1,2,3)")
+    p.add_argument("--reps", type=int, default=None, help="repetitions (quick: 3)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="committed optimizer steps per run (quick: 14 for tiny, 8 for dense)")
     p.add_argument("--skip", type=int, default=None, help="first steps excluded from step-time medians (quick: 2)")
     p.add_argument("--methods", default=",".join(METHODS), help="cases of the homogeneous runs")
-    p.add_argument("--preset", default="tiny", help="examples/train_lm.py preset")
-    p.add_argument("--micro_batch", type=int, default=8)
+    p.add_argument("--presets", default=None,
+                   help="examples/train_lm.py model presets, one sweep each (quick: tiny,dense; smoke: tiny)")
+    p.add_argument("--micro_batch", type=int, default=None, help="micro-batch (default: 8 for tiny, 4 for dense)")
     p.add_argument("--ga", type=int, default=4)
     p.add_argument("--hetero_slowdown", type=float, default=3.0,
                    help="the slow host gets 1/this of its core (cgroup CPU quota); 0 disables the heterogeneous run")
@@ -83,13 +92,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--out and the report")
     p.add_argument("--link_mbit", type=float, default=0.0, help="with --summarize: the real link's speed (label)")
     args = p.parse_args(argv)
-    preset = {"ratios": "0.5", "reps": 1, "steps": 5, "skip": 2} if args.smoke else \
-        {"ratios": "0.25,0.5,2,3", "reps": 2, "steps": 14, "skip": 2}
+    preset = {"ratios": "0.5", "reps": 1, "skip": 2, "presets": "tiny"} if args.smoke else \
+        {"ratios": "0,0.25,0.5,1,2,3", "reps": 3, "skip": 2, "presets": "tiny,dense"}
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.ratio_list = [float(r) for r in str(args.ratios).split(",") if r]
     args.method_list = [m for m in args.methods.split(",") if m]
+    args.preset_list = [m for m in args.presets.split(",") if m]
     if args.ga % 2:
         p.error("--ga must be even (ACCO splits a step into two rounds)")
     return args
@@ -218,7 +228,7 @@ def summarize_case(case: dict[str, Any], skip: int) -> dict[str, Any]:
     r0 = ranks[0]
     steps, ga, world, tpm = r0["steps"], r0["ga"], r0["world_size"], r0["tokens_per_micro_batch"]
     acco = r0["acco"]
-    rounds_per_step = 2 if case["case"] in ("acco", "acco_adaptive") else 1
+    rounds_per_step = 2 if case["case"] in ("acco", "acco_int8", "acco_adaptive") else 1
     excluded = set(range(1, skip + 1)) | set(r0["paused_steps"])
     kept = [s for s in range(1, steps + 1) if s not in excluded] or list(range(1, steps + 1))
 
@@ -240,6 +250,8 @@ def summarize_case(case: dict[str, Any], skip: int) -> dict[str, Any]:
     compute: list[float] = []
     comm: list[float] = []
     exposed: list[float] = []
+    estimate_round: list[float] = []
+    commit_round: list[float] = []
     for rank in ranks:
         if acco:
             recs = {rec["step"]: rec for rec in rank["records"]}
@@ -247,6 +259,8 @@ def summarize_case(case: dict[str, Any], skip: int) -> dict[str, Any]:
             compute.append(_median([r["compute_s"] for r in rs]))
             comm.append(_median([r["commit_round_s"] + (r["estimate_round_s"] or 0.0) for r in rs]))
             exposed.append(_median([r["exposed_wait_s"] for r in rs]))
+            estimate_round.append(_median([r["estimate_round_s"] for r in rs]))
+            commit_round.append(_median([r["commit_round_s"] for r in rs]))
         else:
             # A ZeRO-1 step: GA-1 plain micro-batches, then the boundary micro-batch whose backward/step
             # also reduces, steps the shard and all-gathers. M = boundary micro-batch - a plain one.
@@ -289,6 +303,7 @@ def summarize_case(case: dict[str, Any], skip: int) -> dict[str, Any]:
         "steps": steps, "tokens": tokens, "samples": tokens // r0["seq_len"],
         "step_time_s": step_time, "step_time_s_per_rank": per_rank_step,
         "compute_s": compute_s, "comm_s": comm_s, "round_s": m, "rounds_per_step": rounds_per_step,
+        "estimate_round_s": _median(estimate_round), "commit_round_s": _median(commit_round),
         "exposed_comm_s": statistics.mean(exposed), "tokens_per_s": tokens_per_s, "samples_per_s": samples_per_s,
         "micro_batches_per_step": window_micro / (steps - first + 1),
         "final_loss": r0["final_eval_loss"],
@@ -311,7 +326,7 @@ def summarize_case(case: dict[str, Any], skip: int) -> dict[str, Any]:
 
 
 def derive_bandwidths(calib: dict[str, Any], ratios: list[float]) -> dict[float, float]:
-    """Mbit/s giving ZeRO-1 a round time M = ratio * C.
+    """Mbit/s giving ZeRO-1 a round time M = ratio * C (ratio 0: 0.0, the unshaped link).
 
     Model: M(B) = M_unshaped + a * (tx_bits / B) ** g. Before the shaped calibration points are
     measured, a = g = 1 (the link moves the bytes at the nominal rate); ``calibrate`` fits a and g
@@ -322,6 +337,9 @@ def derive_bandwidths(calib: dict[str, Any], ratios: list[float]) -> dict[float,
     a, g = calib.get("fit_a", 1.0), calib.get("fit_g", 1.0)
     out = {}
     for r in ratios:
+        if r == 0:  # the unshaped link
+            out[r] = 0.0
+            continue
         link_s = r * c - m0
         if link_s <= 0.02 * c:
             raise RuntimeError(f"M/C = {r} is below the unshaped ratio {m0 / c:.2f}; choose larger ratios")
@@ -442,22 +460,89 @@ def summarize_files(args: argparse.Namespace, argv: list[str] | None) -> dict[st
         first = first or raw
         for order_index, case in enumerate(raw["cases"]):
             run = summarize_case(case, args.skip)
-            run.update(rep=rep, bandwidth_mbit=args.link_mbit, target_ratio=0.0, heterogeneous=False,
-                       order_in_job=order_index, source=path)
+            run.update(preset=raw["args"]["preset"], rep=rep, bandwidth_mbit=args.link_mbit, target_ratio=0.0,
+                       heterogeneous=False, order_in_job=order_index, source=path)
             runs.append(run)
     assert first is not None, "--summarize needs at least one file"
     r0 = first["cases"][0]["ranks"][0]
-    calibration = {"model": f"gpt2 {first['args']['preset']}", "n_params": r0["n_params"],
+    preset = first["args"]["preset"]
+    calibration = {"model": f"gpt2 {preset}", "n_params": r0["n_params"],
                    "micro_batch": r0["micro_batch"], "ga": r0["ga"], "seq_len": r0["seq_len"], "C_s": float("nan"),
                    "M_unshaped_s": float("nan"), "tx_bytes_per_step": float("nan"),
                    "note": "real nodes: no calibration; see each run's M/C"}
     return {"command": " ".join(shlex.quote(a) for a in ["python", "benchmarks/run.py", *(argv or sys.argv[1:])]),
-            "wall_s": 0.0, "machine": machine_info(), "calibration": calibration, "settings": vars(args),
+            "wall_s": 0.0, "machine": machine_info(), "calibration": {preset: calibration}, "settings": vars(args),
             "runs": runs}
 
 
+PRESET_DEFAULTS = {"tiny": {"steps": 14, "smoke_steps": 5, "micro_batch": 8},
+                   "dense": {"steps": 8, "smoke_steps": 4, "micro_batch": 4}}
+"""Per model: optimizer steps per run (quick, smoke) and micro-batch, unless given on the command line."""
+
+
+def preset_args(args: argparse.Namespace, preset: str) -> argparse.Namespace:
+    """The settings of one model's sweep: ``args`` with this preset's steps and micro-batch filled in."""
+    defaults = PRESET_DEFAULTS.get(preset, PRESET_DEFAULTS["tiny"])
+    out = argparse.Namespace(**vars(args))
+    out.preset = preset
+    out.steps = args.steps or defaults["smoke_steps" if args.smoke else "steps"]
+    out.micro_batch = args.micro_batch or defaults["micro_batch"]
+    return out
+
+
+def run_preset(pargs: argparse.Namespace, hosts: FakeHosts, launcher: Launcher, progress: Progress,
+               rng: random.Random, quota: CpuQuota | None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Calibrate one model, then every (repetition, bandwidth, method) and, with ``quota``, the heterogeneous
+    case; return (calibration, runs)."""
+    launcher.args = pargs
+    calibration = calibrate(launcher, hosts, pargs, progress)
+    bandwidths = {float(r): b for r, b in calibration["bandwidth_mbit_for_ratio"].items()}
+    per_step = max(0.5, calibration["C_s"] + calibration["M_unshaped_s"])
+    if quota is not None:
+        calibration["heterogeneous_mechanism"] = quota.describe()
+    runs: list[dict[str, Any]] = []
+    for rep in range(pargs.reps):
+        order = list(bandwidths.items())
+        rng.shuffle(order)
+        jobs: list[tuple[str, float, float]] = [("homogeneous", r, b) for r, b in order if r in pargs.ratio_list]
+        if quota is not None:
+            jobs.insert(rng.randrange(len(jobs) + 1),
+                        ("heterogeneous", pargs.hetero_ratio, bandwidths[pargs.hetero_ratio]))
+        for kind, ratio, mbit in jobs:
+            slow = quota if kind == "heterogeneous" else None
+            methods = list(pargs.method_list) if slow is None else ["zero1", "acco_adaptive"]
+            rng.shuffle(methods)
+            if mbit > 0:
+                hosts.shape(round(mbit, 3))
+            else:
+                hosts.unshape()
+            worst = (1 + 3 * ratio) * per_step * (pargs.hetero_slowdown if slow else 1.0)
+            timeout = pargs.launch_timeout_s or 90 + len(methods) * (20 + pargs.steps * worst * 2)
+            link = f"{mbit:.1f} Mbit/s (M/C {ratio:g})" if mbit > 0 else "unshaped link"
+            progress.log(f"{pargs.preset} rep {rep + 1}/{pargs.reps} {kind} {link}: {', '.join(methods)}")
+            raw = launcher.run(f"{pargs.preset}_r{rep}_{kind[:6]}_{ratio:g}", methods, pargs.steps,
+                               timeout_s=timeout, probe_s=pargs.probe_s if slow else 0.0, slow=slow)
+            progress.done += 1
+            for order_index, case in enumerate(raw["cases"]):
+                run = summarize_case(case, pargs.skip)
+                run.update(preset=pargs.preset, rep=rep, bandwidth_mbit=round(mbit, 3), target_ratio=ratio,
+                           heterogeneous=slow is not None, order_in_job=order_index)
+                if slow is not None:
+                    run["standalone_probe"] = raw["probe"]
+                    run["in_situ_samples_per_s"] = [
+                        r["micro_batch"] / statistics.median(x for m in r["micro_s"][pargs.skip:] for x in m)
+                        for r in case["ranks"]]
+                    run["slowdown"] = pargs.hetero_slowdown
+                runs.append(run)
+                progress.log(f"  {run['case']:>13}: step {run['step_time_s']:.3f} s, C {run['compute_s']:.3f}"
+                             f", comm {run['comm_s']:.3f}, exposed {run['exposed_comm_s']:.3f}, "
+                             f"{run['tokens_per_s']:,.0f} tok/s, loss {run['final_loss']:.4f}")
+    return calibration, runs
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Calibrate, run every (repetition, bandwidth, method) and the heterogeneous case, write JSON and report."""
+    """For every model: calibrate, run every (repetition, bandwidth, method) and (first model only) the
+    heterogeneous case; write JSON and report."""
     args = parse_args(argv)
     if args.summarize:
         from benchmarks.report import add_derived, write_report
@@ -476,10 +561,11 @@ def main(argv: list[str] | None = None) -> int:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     log_dir = Path(tempfile.mkdtemp(prefix="acco_bench_"))
     hetero = args.hetero_slowdown > 0
-    n_launches = 3 + args.reps * (len(args.ratio_list) + (1 if hetero else 0))
+    n_launches = len(args.preset_list) * (3 + args.reps * len(args.ratio_list)) + (args.reps if hetero else 0)
     progress = Progress(n_launches)
     started, load_start = time.time(), os.getloadavg()
     runs: list[dict[str, Any]] = []
+    calibrations: dict[str, Any] = {}
     quota: CpuQuota | None = None
     hosts = FakeHosts(2, prefix="accobench", subnet="10.232.0")
     print(f"logs: {log_dir}", flush=True)
@@ -487,54 +573,17 @@ def main(argv: list[str] | None = None) -> int:
         try:
             hosts.up()
             launcher = Launcher(hosts, args, log_dir)
-            per_step = 0.5  # seconds, generous for the tiny preset; refined by the calibration
-            calibration = calibrate(launcher, hosts, args, progress)
-            bandwidths = {float(r): b for r, b in calibration["bandwidth_mbit_for_ratio"].items()}
-            per_step = max(per_step, calibration["C_s"] + calibration["M_unshaped_s"])
-
             if hetero:
                 try:
                     quota = CpuQuota(args.hetero_slowdown)
-                    calibration["heterogeneous_mechanism"] = quota.describe()
                 except (RuntimeError, OSError) as exc:  # no writable CPU controller: skip, say so
-                    hetero = False
-                    calibration["heterogeneous_mechanism"] = f"skipped: {exc}"
                     progress.total -= args.reps
                     progress.log(f"heterogeneous run skipped: {exc}")
-            for rep in range(args.reps):
-                order = list(bandwidths.items())
-                rng.shuffle(order)
-                jobs: list[tuple[str, float, float]] = [("homogeneous", r, b) for r, b in order
-                                                        if r in args.ratio_list]
-                if hetero:
-                    jobs.insert(rng.randrange(len(jobs) + 1),
-                                ("heterogeneous", args.hetero_ratio, bandwidths[args.hetero_ratio]))
-                for kind, ratio, mbit in jobs:
-                    slow = quota if kind == "heterogeneous" else None
-                    methods = list(args.method_list) if slow is None else ["zero1", "acco_adaptive"]
-                    rng.shuffle(methods)
-                    hosts.shape(round(mbit, 3))
-                    worst = (1 + 3 * ratio) * per_step * (args.hetero_slowdown if slow else 1.0)
-                    timeout = args.launch_timeout_s or 90 + len(methods) * (20 + args.steps * worst * 2)
-                    progress.log(f"rep {rep + 1}/{args.reps} {kind} {mbit:.1f} Mbit/s (M/C {ratio:g}): "
-                                 f"{', '.join(methods)}")
-                    raw = launcher.run(f"r{rep}_{kind[:6]}_{ratio:g}", methods, args.steps, timeout_s=timeout,
-                                       probe_s=args.probe_s if slow else 0.0, slow=slow)
-                    progress.done += 1
-                    for order_index, case in enumerate(raw["cases"]):
-                        run = summarize_case(case, args.skip)
-                        run.update(rep=rep, bandwidth_mbit=round(mbit, 3), target_ratio=ratio,
-                                   heterogeneous=slow is not None, order_in_job=order_index)
-                        if slow is not None:
-                            run["standalone_probe"] = raw["probe"]
-                            run["in_situ_samples_per_s"] = [
-                                r["micro_batch"] / statistics.median(x for m in r["micro_s"][args.skip:] for x in m)
-                                for r in case["ranks"]]
-                            run["slowdown"] = args.hetero_slowdown
-                        runs.append(run)
-                        progress.log(f"  {run['case']:>13}: step {run['step_time_s']:.3f} s, C {run['compute_s']:.3f}"
-                                     f", comm {run['comm_s']:.3f}, exposed {run['exposed_comm_s']:.3f}, "
-                                     f"{run['tokens_per_s']:,.0f} tok/s, loss {run['final_loss']:.4f}")
+            for index, preset in enumerate(args.preset_list):
+                calibration, preset_runs = run_preset(preset_args(args, preset), hosts, launcher, progress, rng,
+                                                      quota if index == 0 else None)
+                calibrations[preset] = calibration
+                runs += preset_runs
         finally:
             hosts.down()
             if quota is not None:
@@ -543,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "command": " ".join(shlex.quote(a) for a in ["python", "benchmarks/run.py", *(argv or sys.argv[1:])]),
         "wall_s": wall, "machine": {**machine_info(), "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
-        "calibration": calibration,
+        "calibration": calibrations,
         "settings": {k: v for k, v in vars(args).items()},
         "runs": runs,
     }

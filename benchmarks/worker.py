@@ -39,15 +39,16 @@ import torch  # noqa: E402
 
 __all__ = ["METHODS", "build_config", "main", "parse_args", "read_tx_bytes"]
 
-METHODS = ("zero1", "acco", "dpu", "acco_adaptive")
-"""Cases a worker can run: ds_configs/zero1.json, acco.json, dpu.json, and acco.json with adaptive accumulation."""
+METHODS = ("zero1", "acco", "acco_int8", "dpu", "acco_adaptive")
+"""Cases a worker can run: ds_configs/zero1.json, acco.json, acco.json with the int8-compressed estimate
+round, dpu.json, and acco.json with adaptive accumulation."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Command-line arguments."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--methods", default="zero1,acco,dpu,acco_adaptive",
+    p.add_argument("--methods", default="zero1,acco,acco_int8,dpu,acco_adaptive",
                    help=f"comma-separated cases, run in this order; any of {', '.join(METHODS)}")
     p.add_argument("--steps", type=int, default=20, help="committed optimizer steps per case")
     p.add_argument("--preset", default="tiny", help="examples/train_lm.py model preset")
@@ -75,11 +76,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def build_config(method: str, args: argparse.Namespace) -> dict[str, Any]:
     """The DeepSpeed config of a case: the repository's ds_configs file with this run's batch shape."""
-    name = {"zero1": "zero1", "acco": "acco", "dpu": "dpu", "acco_adaptive": "acco"}[method]
+    name = {"zero1": "zero1", "acco": "acco", "acco_int8": "acco", "dpu": "dpu", "acco_adaptive": "acco"}[method]
     config: dict[str, Any] = json.loads((ROOT / "ds_configs" / f"{name}.json").read_text())
     config["train_micro_batch_size_per_gpu"] = args.micro_batch
     config["gradient_accumulation_steps"] = args.ga
     config.pop("train_batch_size", None)
+    if "acco" in config:
+        config["acco"]["estimate_compression"] = "int8" if method == "acco_int8" else "none"
     if method == "acco_adaptive":
         config["acco"]["adaptive_accumulation"] = True
         config["acco"]["max_micro_batches_per_round"] = args.max_micro_factor * max(1, args.ga // 2)

@@ -118,7 +118,14 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         self._round = ShardedRound(
             base_optimizer=self.optimizer, master_shards=list(self.single_partition_of_fp32_groups),
             shadow_flats=shadows, group=self._acco_group, rank=self._rank, world_size=self._world,
-            comm_dtype=self.communication_data_type, clip_grad=float(self.clip_grad), stream=self._stream)
+            comm_dtype=self.communication_data_type, clip_grad=float(self.clip_grad),
+            compression=acco_config.estimate_compression if self._mode == "acco" else "none",
+            block=acco_config.compression_block_size, stream=self._stream)
+        if acco_config.estimate_compression != "none" and self._mode != "acco":
+            logger.warning(f"ACCO: acco.estimate_compression={acco_config.estimate_compression!r} is ignored in "
+                           f"acco.mode={self._mode!r} (it has no estimate round)")
+        self._compress = self._round.compression != "none"
+        self._estimate_loss_scale = 1.0  # loss scale of the estimate half whose residual the commit takes
         self._shadows = shadows
         self._worker = AccoCommWorker(self._round.run)
 
@@ -286,10 +293,13 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         record = self.metrics.open(self._step)
         record.compute_s += now - self._half_start
         loss_scale = float(self.loss_scale)
+        finishing = self._in_flight.spec.kind if self._in_flight is not None else None
         if self._in_flight is not None:
             self._finish_round(self._wait_in_flight())
             self._raise_if_nonfinite_persists()
         grads = self._buffers[self._compute_buffer]
+        if self._compress and kind is RoundKind.COMMIT and finishing is RoundKind.ESTIMATE:
+            self._add_residual(grads, loss_scale)
         ready = None
         if self._stream is not None:
             ready = torch.cuda.Event()
@@ -298,7 +308,10 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
                          num_micro_batches=self._micro, loss_scale=loss_scale,
                          hyperparams=[{k: v for k, v in g.items() if k not in _HYPERPARAM_SKIP}
                                       for g in self.optimizer.param_groups],
+                         base_flats=list(self.bit16_groups_flat) if kind is RoundKind.ESTIMATE else [],
                          loss_divisor=self._loss_divisor(kind), ready_event=ready)
+        if kind is RoundKind.ESTIMATE:
+            self._estimate_loss_scale = loss_scale
         self._in_flight = self._worker.submit(spec)
         self._round_index += 1
         self._compute_buffer ^= 1
@@ -311,6 +324,13 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         if self._mode == "acco":
             self._next_kind = RoundKind.COMMIT if kind is RoundKind.ESTIMATE else RoundKind.ESTIMATE
         self._half_start = time.perf_counter()
+
+    def _add_residual(self, grads: list[torch.Tensor], loss_scale: float) -> None:
+        """Compressed estimate: add what its quantization lost (left in the estimate's buffer) to the commit's
+        gradients, so that the commit sums exactly the gradients computed (each half in its own loss scale)."""
+        residual = self._buffers[self._compute_buffer ^ 1]
+        for buf, res in zip(grads, residual):
+            buf.add_(res, alpha=loss_scale / self._estimate_loss_scale)
 
     def _wait_in_flight(self) -> RoundResult:
         handle, self._in_flight = self._in_flight, None
@@ -514,6 +534,10 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
                 return src.narrow(0, start, tensor.numel()).view_as(tensor).clone()
         return None
 
+    def _carries_residual(self) -> bool:
+        """In a commit half: the estimate's buffer holds its quantization residual until the commit boundary."""
+        return self._mode == "acco" and self._next_kind is RoundKind.COMMIT and self._round._carried is not None
+
     def _partition(self, flat: torch.Tensor) -> torch.Tensor:
         size = flat.numel() // self._world
         return flat.narrow(0, self._rank * size, size)
@@ -552,6 +576,7 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         return {
             "format": 2,
             "mode": self._mode,
+            "compression": self._round.compression,
             "min_micro": self._min_micro,
             "world_size": self._world,
             "flat_numels": [flat.numel() for flat in self.bit16_groups_flat],
@@ -569,6 +594,9 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
             "carried_count": self._round._carried_count,
             "accumulated": ([b.detach().cpu().clone() for b in self._buffers[self._compute_buffer]]
                             if self._micro else None),
+            "residual": ([b.detach().cpu().clone() for b in self._buffers[self._compute_buffer ^ 1]]
+                         if self._compress and self._carries_residual() else None),
+            "estimate_loss_scale": self._estimate_loss_scale,
             "open_metrics": [dataclasses.asdict(r) for r in self.metrics._open.values()],
             "engine_micro_steps": self._engine_micro_steps,
         }
@@ -627,10 +655,13 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
             return "the checkpoint has no ACCO state"
         if acco.get("format") not in (1, 2):
             return f"unknown ACCO state format {acco.get('format')!r}"
-        saved = (acco["mode"], acco["min_micro"], acco["world_size"], acco["flat_numels"])
-        current = (self._mode, self._min_micro, self._world, [f.numel() for f in self.bit16_groups_flat])
+        saved = (acco["mode"], acco.get("compression", "none"), acco["min_micro"], acco["world_size"],
+                 acco["flat_numels"])
+        current = (self._mode, self._round.compression, self._min_micro, self._world,
+                   [f.numel() for f in self.bit16_groups_flat])
         if saved != current:
-            return f"saved with (mode, micro-batches per round, world size, flat sizes) {saved}, running {current}"
+            return (f"saved with (mode, estimate compression, micro-batches per round, world size, flat sizes) "
+                    f"{saved}, running {current}")
         return None
 
     def _gather_into(self, flats: list[torch.Tensor], parts: list[torch.Tensor | None]) -> None:
@@ -663,6 +694,10 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         if acco["accumulated"] is not None:
             for buf, saved in zip(self._buffers[self._compute_buffer], acco["accumulated"]):
                 buf.copy_(saved)
+        if acco.get("residual") is not None:
+            for buf, saved in zip(self._buffers[self._compute_buffer ^ 1], acco["residual"]):
+                buf.copy_(saved)
+        self._estimate_loss_scale = acco.get("estimate_loss_scale", 1.0)
         self._micro = acco["micro"]
         in_commit_half = self._mode == "acco" and acco["next_kind"] == RoundKind.COMMIT.value
         self._step_micro = acco.get("step_micro", self._micro + (self._min_micro if in_commit_half else 0))

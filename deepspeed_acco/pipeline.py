@@ -35,7 +35,8 @@ from typing import Any
 import torch
 from deepspeed import comm as dist
 
-from deepspeed_acco.rollback import restore_state, snapshot_state
+from deepspeed_acco.quantize import dequantize_rows, quantize_rows
+from deepspeed_acco.rollback import adam_estimate, restore_state, snapshot_state
 
 __all__ = [
     "AccoRoundError",
@@ -105,6 +106,9 @@ class RoundSpec:
     loss_scale: float
     hyperparams: list[dict[str, Any]]
     """Optimizer hyper-parameters (lr, ...) of each group, read when the round was launched."""
+    base_flats: list[torch.Tensor] = field(default_factory=list)
+    """The live flat parameters theta_t at an estimate's launch (read, never written, by the worker): a
+    compressed estimate rebuilds theta~ = theta_t + deQ(Q(update)) from them on every rank."""
     loss_divisor: float = 1.0
     """What each micro-batch's loss was divided by before its backward (``gradient_accumulation_steps``
     as DeepSpeed's backward divides it; the step's micro-batch count for a caller that normalized a
@@ -191,7 +195,8 @@ class ShardedRound:
 
     def __init__(self, *, base_optimizer: torch.optim.Optimizer, master_shards: list[torch.Tensor],
                  shadow_flats: list[torch.Tensor], group: Any, rank: int, world_size: int,
-                 comm_dtype: torch.dtype, clip_grad: float, stream: Any = None) -> None:
+                 comm_dtype: torch.dtype, clip_grad: float, compression: str = "none", block: int = 256,
+                 stream: Any = None) -> None:
         self.base_optimizer = base_optimizer
         self.master_shards = master_shards
         self.shadow_flats = shadow_flats
@@ -200,6 +205,8 @@ class ShardedRound:
         self.world_size = world_size
         self.comm_dtype = comm_dtype
         self.clip_grad = clip_grad
+        self.compression = compression
+        self.block = block
         self.stream = stream
         self._carried: list[torch.Tensor] | None = None
         self._carried_count = 0
@@ -213,36 +220,43 @@ class ShardedRound:
         size = flat.numel() // self.world_size
         return flat.narrow(0, self.rank * size, size)
 
+    def _compressed(self, spec: RoundSpec) -> bool:
+        return spec.kind is RoundKind.ESTIMATE and self.compression == "int8"
+
     def run(self, spec: RoundSpec) -> RoundResult:
         """Run one round; called on the worker thread."""
         start = time.perf_counter()
         ctx = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
         phase: dict[str, float] = {}
+        self._bytes = 0
         with ctx, torch.no_grad():
             if spec.ready_event is not None:
                 self.stream.wait_event(spec.ready_event)
             with _timed(phase, "reduce_scatter"):
-                sums = self._reduce_scatter_grads(spec)
+                sums = self._reduce_scatter_quantized(spec) if self._compressed(spec) else \
+                    self._reduce_scatter_grads(spec)
             with _timed(phase, "norm"):
                 counts, total, sumsq = self._all_reduce_counts_and_norm(spec, sums)
             norm = (sumsq ** 0.5) * spec.loss_divisor / total if total else 0.0
             overflow = not (sumsq == sumsq and sumsq != float("inf"))
             with _timed(phase, "step"):
-                self._step_shard(spec, sums, total, norm, overflow)
+                stepped = self._step_shard(spec, sums, total, norm, overflow)
             with _timed(phase, "all_gather"):
-                self._all_gather_params()
+                if self._compressed(spec):
+                    self._all_gather_quantized_update(spec, stepped)
+                else:
+                    self._all_gather_params(stepped)
             done_event = None
             if self.stream is not None:
                 done_event = torch.cuda.Event()
                 done_event.record(self.stream)
-        flat_bytes = sum(f.numel() for f in self.shadow_flats)
-        ring = (self.world_size - 1) / self.world_size
-        bytes_sent = int(ring * flat_bytes * (torch.tensor([], dtype=self.comm_dtype).element_size()
-                                              + self.shadow_flats[0].element_size()))
-        bytes_sent += 8 * (self.world_size + 1) * 2
         return RoundResult(index=spec.index, kind=spec.kind, step=spec.step,
                            duration_s=time.perf_counter() - start, phase_s=phase, counts=counts,
-                           overflow=overflow, grad_norm=norm, bytes_sent=bytes_sent, done_event=done_event)
+                           overflow=overflow, grad_norm=norm, bytes_sent=self._bytes, done_event=done_event)
+
+    def _ring_bytes(self, numel: int, element_size: int) -> int:
+        """Bytes this rank sends for a reduce-scatter or an all-gather of ``numel`` elements (ring algorithm)."""
+        return (self.world_size - 1) * numel * element_size // self.world_size
 
     def _reduce_scatter_grads(self, spec: RoundSpec) -> list[torch.Tensor]:
         """Reduce-scatter each group's flat gradients; return this rank's unscaled gradient sums."""
@@ -251,6 +265,7 @@ class ShardedRound:
             send = flat if flat.dtype == self.comm_dtype else flat.to(self.comm_dtype)
             shard = torch.empty(flat.numel() // self.world_size, dtype=self.comm_dtype, device=flat.device)
             dist.reduce_scatter_tensor(shard, send, op=dist.ReduceOp.SUM, group=self.group)
+            self._bytes += self._ring_bytes(flat.numel(), shard.element_size())
             # Undo the loss scale: a sum of per-micro-batch gradients, each still divided by spec.loss_divisor.
             summed = shard.to(torch.float32).mul_(1.0 / spec.loss_scale)
             if spec.kind is RoundKind.COMMIT and self._carried is not None:
@@ -258,13 +273,40 @@ class ShardedRound:
             sums.append(summed)
         return sums
 
+    def _exchange(self, q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """All-to-all: row ``j`` of ``q`` (int8) and of its scales to rank ``j``; returns what this rank received."""
+        recv_q, recv_s = torch.empty_like(q), torch.empty_like(scales)
+        dist.all_to_all_single(recv_q, q, group=self.group)
+        dist.all_to_all_single(recv_s, scales, group=self.group)
+        sent = q.numel() * q.element_size() + scales.numel() * scales.element_size()
+        self._bytes += (self.world_size - 1) * sent // self.world_size
+        return recv_q, recv_s
+
+    def _reduce_scatter_quantized(self, spec: RoundSpec) -> list[torch.Tensor]:
+        """The compressed estimate's reduce-scatter: quantize each rank's chunk, all-to-all, sum in fp32.
+
+        Every rank's chunk ``j`` of its own accumulated gradients goes, quantized, to rank ``j``,
+        which sums the dequantized chunks in fp32 (int8 sums would wrap). What the quantization
+        lost stays in the buffer (the buffer becomes the residual ``G~ - deQ(Q(G~))``); the training
+        thread adds it to the commit half's gradients, so the commit sums exactly what was computed.
+        """
+        sums = []
+        for flat in spec.grads:
+            rows = flat.view(self.world_size, -1)
+            q, scales = quantize_rows(rows.float(), self.block)
+            recv_q, recv_s = self._exchange(q, scales)
+            sums.append(dequantize_rows(recv_q, recv_s, self.block).sum(dim=0).mul_(1.0 / spec.loss_scale))
+            rows.sub_(dequantize_rows(q, scales, self.block).to(flat.dtype))
+        return sums
+
     def _all_reduce_counts_and_norm(self, spec: RoundSpec, sums: list[torch.Tensor]) -> tuple[list[int], int, float]:
         """One all-reduce gives every rank the per-rank micro-batch counts and the squared norm."""
         device = sums[0].device
         buf = torch.zeros(self.world_size + 1, dtype=torch.float64, device=device)
         buf[self.rank] = spec.num_micro_batches
-        buf[self.world_size] = sum(float(s.double().pow(2).sum()) for s in sums)
+        buf[self.world_size] = sum(float(torch.linalg.vector_norm(s)) ** 2 for s in sums)
         dist.all_reduce(buf, op=dist.ReduceOp.SUM, group=self.group)
+        self._bytes += 2 * buf.numel() * buf.element_size()
         values = buf.tolist()
         counts = [int(c) for c in values[:self.world_size]]
         total = sum(counts)
@@ -277,30 +319,60 @@ class ShardedRound:
         return counts, total, values[self.world_size]
 
     def _step_shard(self, spec: RoundSpec, sums: list[torch.Tensor], total: int, norm: float,
-                    overflow: bool) -> None:
-        """Step the master shard with the averaged gradient; roll it back after an estimate."""
+                    overflow: bool) -> list[torch.Tensor]:
+        """Step the master shards with the averaged gradient; return the stepped fp32 shards.
+
+        A commit steps the shards and the optimizer state for good. An estimate leaves no trace:
+        for torch's Adam/AdamW the step is computed out of place from the state (``adam_estimate``);
+        for other optimizers the shards and their state are snapshotted, stepped and restored.
+        """
         if overflow:
             # Every rank saw the same non-finite norm: skip the step (an estimate then yields theta).
-            for shard, flat in zip(self.master_shards, self.shadow_flats):
-                self._shard(flat).copy_(shard)
-            return
+            return [shard.detach().clone() for shard in self.master_shards]
         scale = spec.loss_divisor / total
         if self.clip_grad > 0 and (norm + 1e-6) / self.clip_grad > 1:
             scale *= self.clip_grad / (norm + 1e-6)
+        grads = [(summed * scale).to(shard.dtype) for shard, summed in zip(self.master_shards, sums)]
+        if spec.kind is RoundKind.ESTIMATE:
+            estimate = adam_estimate(self.base_optimizer, self.master_shards, grads, spec.hyperparams)
+            if estimate is not None:
+                return estimate
         saved = snapshot_state(self.base_optimizer, self.master_shards) if spec.kind is RoundKind.ESTIMATE else None
-        for shard, summed in zip(self.master_shards, sums):
-            # Out of place: an estimate's sums are carried into the commit unscaled.
-            shard.grad = (summed * scale).to(shard.dtype)
+        for shard, grad in zip(self.master_shards, grads):
+            shard.grad = grad
         _step_with_hyperparams(self.base_optimizer, spec.hyperparams)
-        for shard, flat in zip(self.master_shards, self.shadow_flats):
+        stepped = []
+        for shard in self.master_shards:
             shard.grad = None
-            self._shard(flat).copy_(shard)
+            stepped.append(shard.detach().clone() if saved is not None else shard.detach())
         if saved is not None:
             restore_state(self.base_optimizer, self.master_shards, saved)
+        return stepped
 
-    def _all_gather_params(self) -> None:
-        for flat in self.shadow_flats:
-            dist.all_gather_into_tensor(flat, self._shard(flat), group=self.group)
+    def _all_gather_params(self, stepped: list[torch.Tensor]) -> None:
+        for flat, shard in zip(self.shadow_flats, stepped):
+            own = self._shard(flat)
+            own.copy_(shard)
+            dist.all_gather_into_tensor(flat, own, group=self.group)
+            self._bytes += self._ring_bytes(flat.numel(), flat.element_size())
+
+    def _all_gather_quantized_update(self, spec: RoundSpec, stepped: list[torch.Tensor]) -> None:
+        """The compressed estimate's all-gather: every rank rebuilds theta~ = theta_t + deQ(Q(theta~ - theta_t)).
+
+        Each rank quantizes the update of its fp32 master shard (small, it quantizes well), the
+        int8 updates and their scales are all-gathered, and every rank adds them to its own copy of
+        theta_t (the live flat parameters, identical on every rank), in fp32, then casts.
+        """
+        for flat, base, shard, master in zip(self.shadow_flats, spec.base_flats, stepped, self.master_shards):
+            q, scales = quantize_rows((shard - master).view(1, -1), self.block)
+            all_q = torch.empty(self.world_size * q.numel(), dtype=q.dtype, device=q.device)
+            all_s = torch.empty(self.world_size * scales.numel(), dtype=scales.dtype, device=scales.device)
+            dist.all_gather_into_tensor(all_q, q.view(-1), group=self.group)
+            dist.all_gather_into_tensor(all_s, scales.view(-1), group=self.group)
+            self._bytes += self._ring_bytes(all_q.numel(), 1) + self._ring_bytes(all_s.numel(), 4)
+            update = dequantize_rows(all_q.view(self.world_size, -1), all_s.view(self.world_size, -1),
+                                     self.block).reshape(-1)
+            flat.copy_(base.to(torch.float32) + update)  # out of place: base is the live model
 
 
 def _step_with_hyperparams(optimizer: torch.optim.Optimizer, hyperparams: list[dict[str, Any]]) -> None:

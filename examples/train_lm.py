@@ -126,6 +126,7 @@ class ModelPreset:
 PRESETS: dict[str, ModelPreset] = {
     "tiny": ModelPreset(n_layer=2, d_model=128, n_head=4, seq_len=128),  # ~0.4 M params: 2 CPU cores, minutes
     "mid": ModelPreset(n_layer=4, d_model=256, n_head=4, seq_len=256),  # ~3.3 M: between tiny and small
+    "dense": ModelPreset(n_layer=2, d_model=512, n_head=8, seq_len=64),  # ~6.5 M, short sequences: matmul-bound
     "small": ModelPreset(n_layer=6, d_model=384, n_head=6, seq_len=256),  # ~11 M: a laptop or one GPU
     "gpt2-125m": ModelPreset(n_layer=12, d_model=768, n_head=12, seq_len=1024),  # GPT-2 small shape: GPUs
 }
@@ -150,7 +151,12 @@ def build_model(args: argparse.Namespace, vocab_size: int, eot_id: int) -> torch
             num_attention_heads=preset.n_head, num_key_value_heads=preset.n_head, tie_word_embeddings=True,
             bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
     torch.manual_seed(args.seed)
-    return AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(config)
+    if getattr(args, "perturb_init", 0.0):
+        with torch.no_grad():
+            for param in model.parameters():
+                param.mul_(1.0 + args.perturb_init)
+    return model
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -380,6 +386,9 @@ def add_model_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache_dir", default=None, help="tokenizer/token cache (default ~/.cache/deepspeed_acco)")
     p.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default: the preset's)")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--perturb_init", type=float, default=0.0,
+                   help="multiply the initial weights by (1 + this): a rounding-level twin of a run, which measures "
+                        "how far two runs that should be equal drift apart (the noise floor of a paired comparison)")
     p.add_argument("--local_rank", type=int, default=-1, help="passed by the deepspeed launcher; unused")
 
 

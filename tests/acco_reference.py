@@ -52,7 +52,8 @@ from typing import Any, Literal
 
 import torch
 
-__all__ = ["ESTIMATES", "Mode", "Simulator", "estimate_gradient", "reference_train", "rounds_per_step"]
+__all__ = ["ESTIMATES", "Mode", "Simulator", "estimate_gradient", "int8_roundtrip", "reference_train",
+           "rounds_per_step"]
 
 Mode = Literal["sync", "acco", "dpu"]
 
@@ -153,6 +154,21 @@ class Simulator:
                     s.add_(g)
         return sums, sum(per_rank)
 
+    def accumulate_each(
+        self, at: list[torch.Tensor], per_rank: list[int]
+    ) -> list[torch.Tensor]:
+        """Like ``accumulate``, but every rank's sum kept apart, each as one flat fp32 vector."""
+        out = []
+        for rank, n in enumerate(per_rank):
+            sums, _ = self.accumulate(at, [n if r == rank else 0 for r in range(self.num_ranks)])
+            out.append(torch.cat([x.reshape(-1) for x in sums]))
+        return out
+
+    def unflatten(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Per-parameter tensors (master shapes) from a flat vector in parameter order (padding ignored)."""
+        sizes = [m.numel() for m in self.master]
+        return [piece.view_as(m).clone() for piece, m in zip(torch.split(flat[:sum(sizes)], sizes), self.master)]
+
     def load_flat_state(self, state: dict[str, Any]) -> None:
         """Set the master weights and AdamW's moments and step count from flat vectors (parameter order)."""
         sizes = [m.numel() for m in self.master]
@@ -219,6 +235,35 @@ class Simulator:
             name: m.detach().clone()
             for name, m in zip(self.names, self.master, strict=True)
         }
+
+
+def int8_roundtrip(x: torch.Tensor, block: int) -> torch.Tensor:
+    """deQ(Q(x)) of the compressed estimate (acco-algorithm.md): per block of ``block`` elements from
+    the start of ``x``, scale = max|x| / 127, q = round(x / scale) in [-127, 127], deQ = q * scale; a
+    zero block stays zero; a block with a NaN or Inf dequantizes to NaN."""
+    out = torch.empty_like(x, dtype=torch.float32)
+    for start in range(0, x.numel(), block):
+        piece = x[start:start + block].float()
+        if not bool(torch.isfinite(piece).all()):
+            out[start:start + block] = float("nan")
+            continue
+        scale = float(piece.abs().max()) / 127.0
+        if scale == 0.0:
+            out[start:start + block] = 0.0
+            continue
+        out[start:start + block] = torch.clamp(torch.round(piece / scale), -127, 127) * scale
+    return out
+
+
+def _padded(flat: torch.Tensor, num_ranks: int) -> torch.Tensor:
+    """DeepSpeed ZeRO's flat layout: parameters in order, zero-padded to a multiple of 2 * world size."""
+    align = 2 * num_ranks
+    return torch.nn.functional.pad(flat, (0, (-flat.numel()) % align))
+
+
+def _chunkwise(flat: torch.Tensor, num_ranks: int, block: int) -> torch.Tensor:
+    """``int8_roundtrip`` of each rank's chunk of a padded flat vector, blocks counted from the chunk's start."""
+    return torch.cat([int8_roundtrip(c, block) for c in flat.chunk(num_ranks)])
 
 
 def _bias_corrected_momentum(sim: Simulator) -> list[torch.Tensor] | None:
@@ -316,6 +361,8 @@ def reference_train(
     counts: list[list[int]] | None = None,
     step_rounds: list[list[list[int]]] | None = None,
     initial_state: dict[str, Any] | None = None,
+    estimate_compression: Literal["none", "int8"] = "none",
+    block: int = 256,
 ) -> dict[str, torch.Tensor]:
     """Simulate ``len(batches)`` data-parallel ranks and return the committed parameters.
 
@@ -347,6 +394,12 @@ def reference_train(
             ``{"flat": fp32 parameters, "exp_avg": ..., "exp_avg_sq": ...}`` (flat vectors in
             ``model.named_parameters()`` order) and ``"step"`` (AdamW steps taken). The learning
             rate stays indexed by the steps of this call.
+        estimate_compression: ``"int8"``: the compressed estimate round with an exact commit
+            (acco-algorithm.md): each rank's estimate gradient is quantized chunk by chunk (the
+            chunk each rank owns in ZeRO's padded flat layout), the owners sum the dequantized
+            chunks, each rank's quantization residual joins its commit-half gradients, and
+            theta~ = theta_t + deQ(Q(Opt(theta_t, S~) - theta_t)) per chunk. One parameter group.
+        block: elements per quantization block.
 
     Returns:
         ``theta_T`` as ``name -> fp32 tensor`` in ``model.named_parameters()`` order.
@@ -388,12 +441,25 @@ def reference_train(
     # acco after a step the caller ended inside its estimate half: the pipeline restarts there).
     compute_at = sim.snapshot_params()
     for t, rounds in enumerate(step_rounds):
-        first_sums, first_count = sim.accumulate(compute_at, rounds[0])
+        compressed = mode == "acco" and len(rounds) == 2 and estimate_compression == "int8"
+        if compressed:
+            per_rank = [_padded(x, num_ranks) for x in sim.accumulate_each(compute_at, rounds[0])]
+            quantized = [_chunkwise(x, num_ranks, block) for x in per_rank]
+            residual = sum(x - q for x, q in zip(per_rank, quantized, strict=True))
+            first_sums, first_count = sim.unflatten(sum(quantized)), sum(rounds[0])
+        else:
+            first_sums, first_count = sim.accumulate(compute_at, rounds[0])
         if mode == "acco" and len(rounds) == 2:
             # Estimate round: theta~_{t+1} = Opt(theta_t, G~_t), then exact rollback.
             # Meanwhile the compute side accumulates G_t at theta_t.
             theta_t = sim.snapshot_params()
             theta_est = sim.tentative_step(first_sums, first_count, t)
+            if compressed:
+                flat_t = _padded(torch.cat([x.reshape(-1) for x in theta_t]), num_ranks)
+                update = _padded(torch.cat([x.reshape(-1) for x in theta_est]), num_ranks) - flat_t
+                theta_est = sim.unflatten(flat_t + _chunkwise(update, num_ranks, block))
+                # The residuals join the commit: the commit sums exactly the gradients computed.
+                first_sums = [a + b for a, b in zip(first_sums, sim.unflatten(residual), strict=True)]
             sums, count = sim.accumulate(theta_t, rounds[1])
             # Commit round: theta_{t+1} = Opt(theta_t, (G~_t + G_t) / (c~ + c)); meanwhile the
             # compute side accumulates G~_{t+1} at theta~_{t+1}.

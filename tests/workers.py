@@ -70,7 +70,8 @@ def train_worker(rank: int, world_size: int, cfg: dict[str, Any], steps: int, se
     ``check_rollback``, ``prescaled`` (divide the loss by the step's micro-batch count here and call
     ``backward(scale_wrt_gas=False)``, as the HF Trainer does), ``force_in_step`` ({step: j}: the caller ends
     committed step ``step`` (0-based) after its j-th micro-batch on this rank, with
-    ``set_gradient_accumulation_boundary(True)`` before that backward, then gives the boundary back to DeepSpeed).
+    ``set_gradient_accumulation_boundary(True)`` before that backward, then gives the boundary back to DeepSpeed),
+    ``watch_compression`` (see ``_watch_compression``).
     """
     import deepspeed
 
@@ -95,6 +96,9 @@ def train_worker(rank: int, world_size: int, cfg: dict[str, Any], steps: int, se
     rollback_checks: list[bool] = []
     if opts.get("check_rollback"):
         _watch_estimate_rollback(engine.optimizer, rollback_checks)
+    compression: dict[str, list[Any]] = {"commit_vs_exact": [], "update_error_over_bound": []}
+    if opts.get("watch_compression"):
+        _watch_compression(engine.optimizer, compression)
     num_micro = opts.get("num_micro", steps * cfg["gradient_accumulation_steps"] * 6 + 8)
     data = make_batches(seed, world_size, num_micro)[rank]
     if opts.get("repeat"):  # a few micro-batches seen again and again: a loss that can fall
@@ -138,6 +142,7 @@ def train_worker(rank: int, world_size: int, cfg: dict[str, Any], steps: int, se
     out["losses"] = losses
     out["lrs"] = lrs
     out["rollback_checks"] = rollback_checks
+    out["compression"] = compression
     out["loss_scale"] = float(getattr(engine.optimizer, "loss_scale", 1.0))
     out["param_dtype"] = str(next(model.parameters()).dtype)
     if opts.get("use_install"):
@@ -192,6 +197,61 @@ def _watch_estimate_rollback(optimizer: Any, checks: list[bool]) -> None:
         return result
 
     optimizer._worker._run_round = checked
+
+
+def _watch_compression(optimizer: Any, record: dict[str, list[Any]]) -> None:
+    """Around a compressed estimate's rounds, on this rank (all-reduces on ACCO's group, inside the rounds):
+
+    - ``commit_vs_exact``: per commit, the commit's reduced gradient shard against the exact sum over the
+      ranks of both halves' gradients as computed (raw buffers, before quantization and residual), max |diff|
+      relative to max |exact|;
+    - ``update_error_over_bound``: per estimate, max over this rank's shard of |theta~ - (theta_t + update)|
+      divided by its block's quantization bound max|update| / 254 (<= 1 within fp32 rounding).
+    """
+    import torch.distributed as torch_dist
+
+    from deepspeed_acco.pipeline import RoundKind
+
+    sharded = optimizer._round
+    raw: dict[str, Any] = {}
+    add_residual = optimizer._add_residual
+
+    def watched_add_residual(grads: list[Any], loss_scale: float) -> None:
+        raw["commit_half"] = [g.detach().clone() for g in grads]
+        add_residual(grads, loss_scale)
+
+    optimizer._add_residual = watched_add_residual
+    rs_quantized = sharded._reduce_scatter_quantized
+
+    def watched_rs_quantized(spec: Any) -> Any:
+        raw["estimate_half"] = [g.detach().clone() for g in spec.grads]
+        return rs_quantized(spec)
+
+    sharded._reduce_scatter_quantized = watched_rs_quantized
+    step_shard = sharded._step_shard
+
+    def watched_step(spec: Any, sums: list[Any], *args: Any) -> Any:
+        if spec.kind is RoundKind.COMMIT and "estimate_half" in raw and "commit_half" in raw:
+            exact = raw.pop("estimate_half")[0] + raw.pop("commit_half")[0]
+            torch_dist.all_reduce(exact, group=sharded.group)
+            mine = sharded._shard(exact) / spec.loss_scale
+            record["commit_vs_exact"].append(float((sums[0] - mine).abs().max() / mine.abs().max()))
+        return step_shard(spec, sums, *args)
+
+    sharded._step_shard = watched_step
+    gather_update = sharded._all_gather_quantized_update
+
+    def watched_gather(spec: Any, stepped: list[Any]) -> None:
+        master, new = sharded.master_shards[0].detach().clone(), stepped[0].detach().clone()
+        gather_update(spec, stepped)
+        update = (new - master).view(-1)
+        block = sharded.block
+        bound = torch.stack([chunk.abs().max() / 254 for chunk in update.split(block)])
+        error = (sharded._shard(sharded.shadow_flats[0]).float() - (master + update)).abs()
+        per_block = torch.stack([chunk.max() for chunk in error.split(block)])
+        record["update_error_over_bound"].append(float((per_block / bound.clamp_min(1e-30)).max()))
+
+    sharded._all_gather_quantized_update = watched_gather
 
 
 def run_jobs(rank: int, world_size: int, jobs: list[tuple[Any, ...]]) -> list[Any]:

@@ -1,0 +1,197 @@
+"""The compressed estimate round with an exact commit (``acco.estimate_compression = "int8"``).
+
+Gloo ranks through the public API, in spawns of their own (world size 2: fp32, low precision,
+checkpoints; world size 3: padded flat buffers), checked against ``tests/acco_reference.py``, whose
+quantizer is written from the algorithm page (``int8_roundtrip``), not from the package:
+
+- parity of the final parameters with the reference (< 1e-5), blocks of 256 (one per chunk here) and 16;
+- every commit's reduced gradient equals the exact sum over the ranks of both halves' gradients as
+  computed, to fp32 rounding (the residual makes the commit exact);
+- every estimate's theta~ lies within the quantization bound of theta_t + update (half a step of its block);
+- bf16 trains; fp16 with an inf in an estimate half skips that step on every rank; adaptive
+  accumulation and caller-forced boundaries equal the reference at the recorded rounds; a checkpoint
+  saved mid-step (the residual pending) resumes bit for bit.
+
+Run alone: ``python -m pytest -q tests/test_compression.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tests.acco_reference import int8_roundtrip, reference_train
+from tests.dist_utils import job_result, run_distributed
+from tests.test_checkpoint import GA, LR, NUM_MICRO, SEED, STEPS, run_ckpt_jobs
+from tests.workers import base_config, loss_fn, make_batches, make_model, run_jobs
+
+TOL = 1e-5
+
+
+def _int8(block: int = 256, **block_extra: Any) -> dict[str, Any]:
+    return {"acco": {"enabled": True, "estimate_compression": "int8", "compression_block_size": block,
+                     **block_extra}}
+
+
+JOBS: dict[str, tuple[Any, ...]] = {
+    "int8": (base_config(GA, LR, **_int8()), 4, SEED, {"watch_compression": True, "check_rollback": True}),
+    "int8_block16": (base_config(GA, LR, **_int8(16)), 4, SEED, {"watch_compression": True}),
+    "int8_clip": (base_config(GA, LR, gradient_clipping=0.05, **_int8(16)), 3, SEED),
+    "int8_adaptive": (base_config(GA, LR, **_int8(16, adaptive_accumulation=True, max_micro_batches_per_round=6)),
+                      3, SEED, {"slow_s": 0.15}),
+    "int8_forced": (base_config(GA, LR, **_int8(16)), 5, SEED, {"force_in_step": {1: 3, 2: 2, 3: 1}}),
+    "none": (base_config(GA, LR, acco={"enabled": True}), 4, SEED),
+}
+LOW_PRECISION = {
+    "int8_bf16": (base_config(GA, 3e-2, bf16={"enabled": True}, **_int8(16)), 8, SEED, {"dtype": "bf16", "repeat": 2}),
+    "int8_fp16_inf": (base_config(GA, LR, fp16={"enabled": True, "initial_scale_power": 8, "hysteresis": 1},
+                                  **_int8(16)), 4, SEED, {"dtype": "fp16", "inf_at": 5}),
+}
+WORLD3 = {"int8": (base_config(GA, LR, **_int8(16)), 4, SEED, {"watch_compression": True})}
+
+
+def _spawn(world: int, jobs: dict[str, tuple[Any, ...]]) -> dict[str, list[Any]]:
+    results = run_distributed(run_jobs, world, list(jobs.values()), timeout_s=280)
+    return {name: [r[j] for r in results] for j, name in enumerate(jobs)}
+
+
+@pytest.fixture(scope="module")
+def runs() -> dict[str, list[Any]]:
+    return _spawn(2, JOBS)
+
+
+@pytest.fixture(scope="module")
+def low_precision() -> dict[str, list[Any]]:
+    return _spawn(2, LOW_PRECISION)
+
+
+@pytest.fixture(scope="module")
+def world3() -> dict[str, list[Any]]:
+    return _spawn(3, WORLD3)
+
+
+def _reference(world: int, steps: int, block: int, **kw: Any) -> list[torch.Tensor]:
+    batches = make_batches(SEED, world, steps * GA * 6 + 8)
+    out = reference_train(make_model(SEED), batches, loss_fn, mode="acco", num_steps=steps,
+                          gradient_accumulation_steps=GA, lr=LR, weight_decay=0.01,
+                          estimate_compression="int8", block=block, **kw)
+    return list(out.values())
+
+
+def _max_diff(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a, b, strict=True))
+
+
+def _identical(job: list[dict[str, Any]]) -> bool:
+    return all(all(torch.equal(x, y) for x, y in zip(job[0]["params"], r["params"])) for r in job[1:])
+
+
+def test_reference_quantizer() -> None:
+    """The reference's deQ(Q(x)): error at most half a step of its block; zeros stay zeros; NaN/Inf give NaN."""
+    x = torch.randn(1000)
+    x[100:200] = 0.0
+    y = int8_roundtrip(x, 64)
+    for start in range(0, 1000, 64):
+        block = x[start:start + 64]
+        assert float((y[start:start + 64] - block).abs().max()) <= float(block.abs().max()) / 254 * (1 + 1e-6)
+    assert torch.equal(y[128:192], torch.zeros(64))
+    x[5] = float("inf")
+    assert torch.isnan(int8_roundtrip(x, 64)[:64]).all() and torch.isfinite(int8_roundtrip(x, 64)[64:]).all()
+
+
+@pytest.mark.parametrize("job,block", [("int8", 256), ("int8_block16", 16)])
+def test_int8_matches_reference(runs: dict[str, list[Any]], job: str, block: int) -> None:
+    """World size 2: the compressed estimate equals the reference with the same quantizer; estimates roll back."""
+    result = job_result(runs, job)
+    diff = _max_diff(result[0]["params"], _reference(2, 4, block))
+    none = _max_diff(result[0]["params"], job_result(runs, "none")[0]["params"])
+    print(f"PARITY int8 (block {block}) vs reference: max |diff| = {diff:.3e}; vs uncompressed ACCO {none:.3e}")
+    assert diff < TOL and none > TOL  # the tolerance tells compressed from uncompressed ACCO
+    assert _identical(result)
+    if job == "int8":
+        assert all(all(r["rollback_checks"]) and len(r["rollback_checks"]) == 4 for r in result)
+
+
+def test_int8_matches_reference_at_world_size_3(world3: dict[str, list[Any]]) -> None:
+    """World size 3 (212 parameters in a flat of 216, chunks of 72 quantized in blocks of 16)."""
+    result = job_result(world3, "int8")
+    diff = _max_diff(result[0]["params"], _reference(3, 4, 16))
+    print(f"PARITY int8 world 3 vs reference: max |diff| = {diff:.3e}")
+    assert diff < TOL and _identical(result)
+
+
+@pytest.mark.parametrize("job", ["int8", "int8_block16"])
+def test_commit_is_exact_and_estimate_within_bound(runs: dict[str, list[Any]], world3: dict[str, list[Any]],
+                                                   job: str) -> None:
+    """Every commit reduces exactly the sum of both halves (fp32 rounding); every theta~ is within the bound."""
+    for name, result in ((f"world 2 {job}", job_result(runs, job)),
+                         *((("world 3 int8", job_result(world3, "int8")),) if job == "int8" else ())):
+        for rank, r in enumerate(result):
+            exact, bound = r["compression"]["commit_vs_exact"], r["compression"]["update_error_over_bound"]
+            print(f"COMPRESSION {name} rank {rank}: commit vs exact sum (relative) max {max(exact):.2e} over "
+                  f"{len(exact)} commits; theta~ error / bound max {max(bound):.3f} over {len(bound)} estimates")
+            assert len(exact) == 4 and max(exact) < 1e-6
+            assert len(bound) == 4 and max(bound) <= 1.01
+
+
+def test_clipping_adaptive_and_forced_boundaries(runs: dict[str, list[Any]]) -> None:
+    """Clipping, adaptive accumulation and caller-forced boundaries with the compressed estimate equal the reference."""
+    clip = job_result(runs, "int8_clip")
+    diff = _max_diff(clip[0]["params"], _reference(2, 3, 16, max_grad_norm=0.05))
+    print(f"PARITY int8 + clip vs reference: max |diff| = {diff:.3e}")
+    assert diff < TOL and _identical(clip)
+    for job in ("int8_adaptive", "int8_forced"):
+        result = job_result(runs, job)
+        rounds = [m["round_counts"] for m in result[0]["metrics"]]
+        diff = _max_diff(result[0]["params"], _reference(2, len(rounds), 16, step_rounds=rounds))
+        print(f"PARITY {job} (rounds {rounds}) vs reference: max |diff| = {diff:.3e}")
+        assert diff < TOL and _identical(result)
+    assert any(len(r) == 1 for r in (m["round_counts"] for m in job_result(runs, "int8_forced")[0]["metrics"]))
+
+
+def test_low_precision(low_precision: dict[str, list[Any]]) -> None:
+    """bf16 trains with the compressed estimate; fp16: an inf in an estimate half skips that step on every rank."""
+    bf16 = job_result(low_precision, "int8_bf16")
+    losses = bf16[0]["losses"]
+    print(f"INT8 bf16 loss {sum(losses[:GA]) / GA:.4f} -> {sum(losses[-GA:]) / GA:.4f}")
+    assert sum(losses[-GA:]) < 0.9 * sum(losses[:GA]) and _identical(bf16)
+    fp16 = job_result(low_precision, "int8_fp16_inf")
+    flags = [[m["overflow"] for m in r["metrics"]] for r in fp16]
+    print(f"INT8 fp16 overflow flags per step {flags}, loss scale {fp16[0]['loss_scale']}")
+    assert flags[0] == flags[1] == [False, True, False, False]
+    assert fp16[0]["loss_scale"] < 2**8 and _identical(fp16)
+    assert all(torch.isfinite(p).all() for p in fp16[0]["params"])
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Any]]:
+    ckpt = str(tmp_path_factory.mktemp("int8_ckpt"))
+    cfg = base_config(GA, LR, **_int8(16))
+    first = run_distributed(run_ckpt_jobs, 2, [
+        {"cfg": cfg, "steps": STEPS},
+        {"cfg": cfg, "steps": STEPS, "saves": {14: (ckpt, "at_estimate"), 15: (ckpt, "mid15")}}], timeout_s=200)
+    second = run_distributed(run_ckpt_jobs, 2, [
+        {"cfg": cfg, "steps": STEPS, "load": (ckpt, "at_estimate")},
+        {"cfg": cfg, "steps": STEPS, "load": (ckpt, "mid15")}], timeout_s=200)
+    return {"plain": [r[0] for r in first], "saving": [r[1] for r in first],
+            "at_estimate": [r[0] for r in second], "mid15": [r[1] for r in second], "dir": [Path(ckpt)]}
+
+
+@pytest.mark.parametrize("tag", ["at_estimate", "mid15"])
+def test_checkpoint_mid_step_resumes_exactly(checkpoints: dict[str, list[Any]], tag: str) -> None:
+    """Saved at the estimate boundary and inside the commit half (quantization residual pending): bitwise resume."""
+    ref = job_result(checkpoints, "plain")
+    saving = job_result(checkpoints, "saving")
+    run = job_result(checkpoints, tag)
+    sd = torch.load(checkpoints["dir"][0] / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                    weights_only=False)["optimizer_state_dict"]["acco"]
+    print(f"INT8 checkpoint {tag}: residual saved {sd['residual'] is not None}, resumed final params max |diff| "
+          f"{_max_diff(run[0]['params'], ref[0]['params']):.3e}")
+    assert sd["residual"] is not None and sd["compression"] == "int8"
+    for rank in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(run[rank]["params"], ref[rank]["params"]))
+        assert all(torch.equal(a, b) for a, b in zip(saving[rank]["params"], ref[rank]["params"]))
+    assert NUM_MICRO >= 15
