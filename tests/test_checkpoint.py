@@ -25,7 +25,7 @@ import torch
 
 from tests.acco_reference import reference_train
 from tests.dist_utils import JobFailure, job_result, run_distributed, run_jobs_isolated
-from tests.workers import base_config, loss_fn, make_batches, make_model
+from tests.workers import DEEPSPEED_DEFAULT_CLIP, base_config, loss_fn, make_batches, make_model
 
 WORLD, GA, LR, SEED = 2, 4, 1e-2, 0
 STEPS = 6  # committed steps of every run
@@ -305,7 +305,8 @@ def test_checkpoint_holds_committed_state(saved: dict[str, Any]) -> None:
     """The step-3 checkpoint's committed parameters are theta_3 of the reference; global_steps is 3."""
     rec = job_result(saved, "acco_saving")[0]["saved"]["step3"]
     ref = reference_train(make_model(SEED), make_batches(SEED, WORLD, NUM_MICRO), loss_fn, mode="acco",
-                          num_steps=SAVE_STEP, gradient_accumulation_steps=GA, lr=LR, weight_decay=0.01)
+                          num_steps=SAVE_STEP, gradient_accumulation_steps=GA, lr=LR, weight_decay=0.01,
+                          max_grad_norm=DEEPSPEED_DEFAULT_CLIP)
     diff = _max_diff(rec["committed"], list(ref.values()))
     print(f"COMMITTED at save (step {rec['global_steps']}) vs reference theta_3: max |diff| = {diff:.3e}")
     assert diff < 1e-5 and rec["global_steps"] == SAVE_STEP

@@ -26,7 +26,7 @@ import torch
 from tests.acco_reference import int8_roundtrip, reference_train
 from tests.dist_utils import job_result, run_distributed
 from tests.test_checkpoint import GA, LR, NUM_MICRO, SEED, STEPS, run_ckpt_jobs
-from tests.workers import base_config, loss_fn, make_batches, make_model, run_jobs
+from tests.workers import DEEPSPEED_DEFAULT_CLIP, base_config, loss_fn, make_batches, make_model, run_jobs
 
 TOL = 1e-5
 
@@ -77,6 +77,7 @@ def _reference(world: int, steps: int, block: int, **kw: Any) -> list[torch.Tens
     batches = make_batches(SEED, world, steps * GA * 6 + 8)
     out = reference_train(make_model(SEED), batches, loss_fn, mode="acco", num_steps=steps,
                           gradient_accumulation_steps=GA, lr=LR, weight_decay=0.01,
+                          max_grad_norm=kw.pop("max_grad_norm", DEEPSPEED_DEFAULT_CLIP),
                           estimate_compression="int8", block=block, **kw)
     return list(out.values())
 

@@ -22,7 +22,7 @@ import torch
 
 from tests.acco_reference import reference_train
 from tests.dist_utils import JobFailure, job_result, run_distributed
-from tests.workers import base_config, loss_fn, make_batches, make_model, run_jobs
+from tests.workers import DEEPSPEED_DEFAULT_CLIP, base_config, loss_fn, make_batches, make_model, run_jobs
 
 WORLD, GA, STEPS, LR, SEED = 2, 4, 3, 1e-2, 0
 WIDE_WORLDS = (3, 4)
@@ -99,7 +99,8 @@ def wide_runs(request: pytest.FixtureRequest) -> tuple[int, dict[str, list[Any]]
 def _reference(mode: str, steps: int = STEPS, world: int = WORLD, **kw: Any) -> list[torch.Tensor]:
     batches = make_batches(SEED, world, steps * GA * 6 + 8)
     out = reference_train(make_model(SEED), batches, loss_fn, mode=mode, num_steps=steps,
-                          gradient_accumulation_steps=GA, lr=kw.pop("lr", LR), weight_decay=0.01, **kw)
+                          gradient_accumulation_steps=GA, lr=kw.pop("lr", LR), weight_decay=0.01,
+                          max_grad_norm=kw.pop("max_grad_norm", DEEPSPEED_DEFAULT_CLIP), **kw)
     return list(out.values())
 
 

@@ -13,9 +13,13 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["make_model", "make_batches", "WithLoss", "train_worker", "base_config", "loss_fn"]
+__all__ = ["DEEPSPEED_DEFAULT_CLIP", "make_model", "make_batches", "WithLoss", "train_worker", "base_config",
+           "loss_fn"]
 
 IN, HIDDEN, OUT, MICRO = 8, 16, 4, 4
+DEEPSPEED_DEFAULT_CLIP = 1.0
+"""DeepSpeed's ``gradient_clipping`` when a config does not set it (0.19: 1.0); references of runs with
+``base_config`` clip at it, as the engine does."""
 
 
 def make_model(seed: int = 0) -> nn.Module:
