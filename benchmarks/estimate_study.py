@@ -43,7 +43,7 @@ from examples.train_lm import (  # noqa: E402
 )
 from tests.acco_reference import ESTIMATES, Simulator, estimate_gradient  # noqa: E402
 
-__all__ = ["main", "parse_args", "run_study"]
+__all__ = ["LogitsOf", "lm_loss", "main", "parse_args", "run_study"]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -77,7 +77,7 @@ def warmup_lr(max_lr: float, warmup: int) -> Callable[[int], float]:
     return lambda t: max_lr * min(1.0, max(0, t - 1) / warmup) if warmup > 0 else max_lr
 
 
-class _LM(torch.nn.Module):
+class LogitsOf(torch.nn.Module):
     """``model(x)`` gives the logits (the reference's ``loss_fn(model(x), x)`` shape)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
@@ -111,7 +111,7 @@ def run_study(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
     """Simulate ``args.steps`` committed steps; yield one record per step."""
     torch.set_num_threads(args.threads)
     corpus = build_corpus(args)
-    model = _LM(build_model(args, corpus.vocab_size, corpus.eot_id))
+    model = LogitsOf(build_model(args, corpus.vocab_size, corpus.eot_id))
     shards = [ShardedWindows(corpus.train, args.seq_len, args.micro_batch, r, args.world, args.seed)
               for r in range(args.world)]
     batches = [(shard[i] for i in range(10**9)) for shard in shards]

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 
+from benchmarks.estimate_study import LogitsOf, lm_loss
 from tests.acco_reference import reference_train
 from tests.dist_utils import job_result, run_distributed, run_jobs_isolated
 
@@ -64,20 +65,6 @@ def lm_worker(rank: int, world: int, config: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-class _Logits(torch.nn.Module):
-    def __init__(self, model: torch.nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=ids).logits
-
-
-def _lm_loss(logits: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.size(-1)).float(),
-                                             ids[:, 1:].reshape(-1))
-
-
 @pytest.fixture(scope="module")
 def runs() -> dict[str, list[Any]]:
     jobs = {"acco": _config("acco.json"), "zero1": _config("zero1.json")}
@@ -102,8 +89,8 @@ def test_gpt2_matches_reference(runs: dict[str, list[Any]], method: str, mode: s
     def lr(t: int) -> float:  # WarmupLR (linear from 0), stepped once per committed step
         return sched["warmup_max_lr"] * min(1.0, max(0, t - 1) / sched["warmup_num_steps"])
 
-    model = _Logits(train_lm.build_model(args, corpus.vocab_size, corpus.eot_id))
-    expected = reference_train(model, batches, _lm_loss, mode=mode, num_steps=STEPS, gradient_accumulation_steps=ga,
+    model = LogitsOf(train_lm.build_model(args, corpus.vocab_size, corpus.eot_id))
+    expected = reference_train(model, batches, lm_loss, mode=mode, num_steps=STEPS, gradient_accumulation_steps=ga,
                                lr=lr, betas=tuple(opt["betas"]), weight_decay=opt["weight_decay"],
                                max_grad_norm=config["gradient_clipping"])
     diff = max(float((a - b).abs().max()) for a, b in zip(result[0]["params"], expected.values(), strict=True))
