@@ -4,13 +4,17 @@ Two gloo ranks on this machine (spawned, loopback, one thread each), the ``dense
 ``examples/train_lm.py``, plain ZeRO-1 and ACCO (and ACCO with the int8 estimate where the package has it),
 a few optimizer steps each after a warm-up. For every method it reports, per optimizer step and per rank:
 
-- CPU seconds of each thread (``/proc/self/task``: the training thread, ACCO's ``acco_comm`` worker and
-  gloo's threads), the round phases ACCO records (reduce-scatter, norm, step, all-gather), and the
-  ``torch.profiler`` totals of the worker's ``deepspeed_acco::pipeline::*`` ranges;
+- CPU seconds of each thread (``/proc/self/task``: the training thread, ACCO's worker, which the kernel
+  names ``python3``, and gloo's threads), and per round phase (reduce-scatter, norm, step, all-gather) both
+  the wall-clock ACCO records and the worker thread's own CPU seconds (``time.thread_time``);
 - ACCO's extra memory by buffer: the storage of every tensor ACCO keeps beyond ZeRO-1 (the two flat
   accumulation buffers, the shadow parameters, the carried estimate shard), read from the tensors, against
-  the formula ``2 P a + P b + 4 P / N`` (a = accumulation dtype bytes, b = parameter dtype bytes), and the
-  temporaries of one round (``torch.profiler`` with ``profile_memory``: the largest allocation of the worker).
+  the formula ``2 P a + P b + 4 P / N`` (a = accumulation dtype bytes, b = parameter dtype bytes).
+
+The worker's phases are also ``torch.profiler.record_function`` ranges (``deepspeed_acco::pipeline::*``),
+for a trace taken inside a training script; a profiler started on the training thread does not record
+them here, because the worker thread exists before the profiler starts (measured: no range recorded), so
+this script reads the thread clocks instead.
 
     python benchmarks/round_profile.py --out benchmarks/results/round_profile.json
 
@@ -48,7 +52,6 @@ def profile_rank(rank: int, world: int, methods: list[str], steps: int, warmup: 
     """In a spawned rank: train each method, measure threads, phases, profiler ranges and ACCO's buffers."""
     import train_lm
     from deepspeed import comm as dist
-    from torch.profiler import ProfilerActivity, profile
 
     import deepspeed_acco
     from benchmarks.worker import _model_args, build_config, thread_cpu_s
@@ -61,9 +64,9 @@ def profile_rank(rank: int, world: int, methods: list[str], steps: int, warmup: 
     out: dict[str, Any] = {}
     for method in methods:
         model = train_lm.build_model(_model_args(args), corpus.vocab_size, corpus.eot_id)
-        config = build_config(method, args)
         if method == "acco_int8" and "estimate_compression" not in deepspeed_acco.AccoConfig.model_fields:
             continue
+        config = build_config(method, args)
         engine, _, _, _ = deepspeed_acco.initialize(model=model, model_parameters=model.parameters(),
                                                     config=config)
         windows = train_lm.ShardedWindows(corpus.train, args.seq_len, args.micro_batch, rank, world, args.seed)
@@ -71,23 +74,21 @@ def profile_rank(rank: int, world: int, methods: list[str], steps: int, warmup: 
         deepspeed_acco.pop_metrics(engine)
         dist.barrier()
         cpu0, t0 = thread_cpu_s(), time.perf_counter()
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            _train(engine, windows, position, steps)
+        _train(engine, windows, position, steps)
         wall = time.perf_counter() - t0
         cpu1 = thread_cpu_s()
         records = [r.as_dict() for r in deepspeed_acco.pop_metrics(engine)]
         threads = {name: (cpu1[name] - cpu0.get(name, 0.0)) / steps for name in cpu1
                    if cpu1[name] - cpu0.get(name, 0.0) > 0}
-        ranges = {e.key: {"cpu_s_per_step": e.cpu_time_total / 1e6 / steps, "count": e.count}
-                  for e in prof.key_averages() if e.key.startswith("deepspeed_acco::")}
         result: dict[str, Any] = {"wall_s_per_step": wall / steps, "thread_cpu_s_per_step": threads,
-                                  "profiler_ranges": ranges, "n_params": sum(p.numel() for p in model.parameters())}
-        if records:
-            phases: dict[str, float] = {}
-            for rec in records:
-                for k, v in rec["round_phases_s"].items():
-                    phases[k] = phases.get(k, 0.0) + v / len(records)
-            result["round_phases_s_per_step"] = phases
+                                  "n_params": sum(p.numel() for p in model.parameters())}
+        for key in ("round_phases_s", "round_phases_cpu_s"):
+            if records and key in records[0]:
+                phases: dict[str, float] = {}
+                for rec in records:
+                    for k, v in rec[key].items():
+                        phases[k] = phases.get(k, 0.0) + v / len(records)
+                result[f"{key}_per_step"] = phases
         optimizer = engine.optimizer
         if isinstance(optimizer, deepspeed_acco.AccoZeroOptimizer):
             def nbytes(tensors: list[Any]) -> int:
@@ -97,7 +98,7 @@ def profile_rank(rank: int, world: int, methods: list[str], steps: int, warmup: 
             p_total = sum(f.numel() for f in flats)
             acc = optimizer._buffers[0][0].element_size()
             b = flats[0].element_size()
-            carried = optimizer._round._carried
+            carried = getattr(getattr(optimizer, "_round", None), "_carried", None)
             result["acco_buffers_bytes"] = {
                 "accumulation buffers (2 x P x a)": nbytes([t for pair in optimizer._buffers for t in pair]),
                 "shadow parameters (P x b)": nbytes(optimizer._shadows),
@@ -105,8 +106,6 @@ def profile_rank(rank: int, world: int, methods: list[str], steps: int, warmup: 
                     nbytes(carried) if carried is not None else 4 * p_total // world,
             }
             result["acco_buffers_formula_bytes"] = 2 * p_total * acc + p_total * b + 4 * p_total // world
-            result["largest_worker_allocation_bytes"] = max(
-                (e.cpu_memory_usage for e in prof.key_averages() if e.key.startswith("deepspeed_acco::")), default=0)
         out[method] = result
         engine.destroy()
         dist.barrier()
@@ -133,7 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{method}: {r0['wall_s_per_step']:.3f} s/step; CPU s/step by thread: {threads}")
         if "round_phases_s_per_step" in r0:
             phases = r0["round_phases_s_per_step"].items()
-            print("  round phases s/step: " + ", ".join(f"{k} {v:.3f}" for k, v in phases))
+            print("  round phases, wall s/step: " + ", ".join(f"{k} {v:.3f}" for k, v in phases))
+        if "round_phases_cpu_s_per_step" in r0:
+            phases = r0["round_phases_cpu_s_per_step"].items()
+            print("  round phases, worker CPU s/step: " + ", ".join(f"{k} {v:.3f}" for k, v in phases))
         if "acco_buffers_bytes" in r0:
             total = sum(r0["acco_buffers_bytes"].values())
             print(f"  ACCO buffers: {total / 1e6:.1f} MB (formula {r0['acco_buffers_formula_bytes'] / 1e6:.1f} MB): "

@@ -49,8 +49,8 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.worker import METHODS  # noqa: E402
 from tests.netns import FakeHosts  # noqa: E402
 
-__all__ = ["main", "parse_args", "preset_args", "run_preset", "summarize_case", "derive_bandwidths", "calibrate",
-           "CpuQuota"]
+__all__ = ["main", "parse_args", "check_resume", "write_run_identity", "preset_args", "run_preset", "summarize_case",
+           "derive_bandwidths", "calibrate", "CpuQuota"]
 
 WORKER = ROOT / "benchmarks" / "worker.py"
 RANKS = 2
@@ -63,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true",
-                      help="2 models x (unshaped + 5 bandwidths) x 3 repetitions + heterogeneous (about 70 min)")
+                      help="2 models x (unshaped + 5 bandwidths) x 3 repetitions + heterogeneous (about 2.5 h on "
+                           "a 2-core AMD EPYC VM; --resume continues an interrupted one)")
     mode.add_argument("--smoke", action="store_true", help="1 bandwidth, 1 repetition, few steps (<2 min)")
     p.add_argument("--out", default="benchmarks/results/quick.json", help="JSON results file")
     p.add_argument("--ratios", default=None,
@@ -86,6 +87,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--launch_timeout_s", type=float, default=None, help="kill a launch after this (default: derived)")
     p.add_argument("--seed", type=int, default=0, help="shuffling of the run order")
     p.add_argument("--no_report", action="store_true", help="do not write the markdown table and plots")
+    p.add_argument("--resume", metavar="LOGDIR", default=None,
+                   help="continue an interrupted run: its log directory (printed at its start as 'logs: ...'); "
+                        "launches that finished there are read back instead of run again. Refused unless the "
+                        "settings and the machine's CPU are those of the interrupted run")
     p.add_argument("--summarize", nargs="+", metavar="RAW", default=None,
                    help="real nodes: no fake hosts; summarize worker.py outputs (one file per repetition of the "
                         "same setting, e.g. from `deepspeed --hostfile ... benchmarks/worker.py --out RAW`) into "
@@ -153,6 +158,39 @@ class CpuQuota:
                 time.sleep(0.1)
 
 
+# ------------------------------------------------------------------------------------ resuming
+RESUME_IGNORED = ("out", "resume", "no_report")
+"""Settings that may differ between an interrupted run and its continuation."""
+
+
+def _run_identity(args: argparse.Namespace) -> dict[str, Any]:
+    settings = {k: v for k, v in vars(args).items() if k not in RESUME_IGNORED}
+    return {"settings": settings, "cpu": machine_info()["cpu"]}
+
+
+def write_run_identity(log_dir: Path, args: argparse.Namespace) -> str | None:
+    """Record the settings and CPU of a new run in its log directory (what ``--resume`` checks)."""
+    (log_dir / "run_identity.json").write_text(json.dumps(_run_identity(args), indent=1) + "\n")
+    return None
+
+
+def check_resume(log_dir: Path, args: argparse.Namespace) -> str | None:
+    """None if ``log_dir`` holds an interrupted run with these settings on this CPU, else why not."""
+    path = log_dir / "run_identity.json"
+    if not path.exists():
+        return f"--resume {log_dir}: no run_identity.json there (not a log directory of benchmarks/run.py)"
+    saved, now = json.loads(path.read_text()), json.loads(json.dumps(_run_identity(args)))
+    if saved["cpu"] != now["cpu"]:
+        return f"--resume {log_dir}: that run ran on {saved['cpu']!r}, this machine is {now['cpu']!r}; start a new run"
+    differ = sorted(k for k in set(saved["settings"]) | set(now["settings"])
+                    if saved["settings"].get(k) != now["settings"].get(k))
+    if differ:
+        return (f"--resume {log_dir}: settings differ from the interrupted run's: "
+                + ", ".join(f"{k} (was {saved['settings'].get(k)!r}, now {now['settings'].get(k)!r})" for k in differ)
+                + "; pass the same options as it had")
+    return None
+
+
 # ------------------------------------------------------------------------------------ launches
 class Launcher:
     """Starts the two ranks of a worker job on the fake hosts and waits for them (with a timeout)."""
@@ -168,6 +206,8 @@ class Launcher:
         self.count += 1
         self.port += 1
         out = self.log_dir / f"{self.count:02d}_{tag}.json"
+        if out.exists():  # --resume: this launch finished in the interrupted run
+            return json.loads(out.read_text())
         procs: list[subprocess.Popen[bytes]] = []
         logs = []
         worker_args = ["--methods", ",".join(methods), "--steps", str(steps), "--preset", self.args.preset,
@@ -559,7 +599,11 @@ def main(argv: list[str] | None = None) -> int:
     rng = random.Random(args.seed)
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
-    log_dir = Path(tempfile.mkdtemp(prefix="acco_bench_"))
+    log_dir = Path(args.resume) if args.resume else Path(tempfile.mkdtemp(prefix="acco_bench_"))
+    problem = check_resume(log_dir, args) if args.resume else write_run_identity(log_dir, args)
+    if problem:
+        print(problem, file=sys.stderr)
+        return 2
     hetero = args.hetero_slowdown > 0
     n_launches = len(args.preset_list) * (3 + args.reps * len(args.ratio_list)) + (args.reps if hetero else 0)
     progress = Progress(n_launches)

@@ -65,6 +65,14 @@ class AccoConfig(DeepSpeedConfigModel):
     past it the rank waits for the round in flight. Default: 4 x the minimum
     (``gradient_accumulation_steps / 2``). Must be at least the minimum."""
 
+    lr_scaling: Literal["none", "sqrt"] = "none"
+    """With ``adaptive_accumulation``: ``"sqrt"`` multiplies each round's learning rate by
+    ``sqrt(kappa)``, kappa = the round's global micro-batch count over its nominal count
+    (``world_size x gradient_accumulation_steps / 2`` per half of a step), capped at
+    ``max_micro_batches_per_round / (gradient_accumulation_steps / 2)``: the square-root rule for
+    Adam-type optimizers when a batch grows kappa times (see ``acco-algorithm.md``, "Learning rate
+    under adaptive accumulation"). ``"none"``: every round uses the scheduler's LR."""
+
     estimate_compression: Literal["none", "int8"] = "none"
     """``"int8"``: send the estimate round compressed, the commit exact (see ``acco-algorithm.md``,
     "Compressed estimate round with an exact commit"): block-wise int8 gradients in an all-to-all,
@@ -95,6 +103,10 @@ class AccoConfig(DeepSpeedConfigModel):
         if self.adaptive_accumulation and self.mode != "acco":
             raise ValueError("acco.adaptive_accumulation=true is only implemented for acco.mode='acco'; "
                              "set acco.mode to 'acco' or acco.adaptive_accumulation to false")
+        if self.lr_scaling != "none" and not self.adaptive_accumulation:
+            raise ValueError(f"acco.lr_scaling={self.lr_scaling!r} scales the LR by how much a round's batch grew, "
+                             "which only adaptive accumulation does; set acco.adaptive_accumulation to true "
+                             "or acco.lr_scaling to 'none'")
         return self
 
 

@@ -33,8 +33,15 @@ class StepMetrics:
     """A non-finite gradient skipped the commit on every rank."""
     grad_norm: float = 0.0
     round_phases_s: dict[str, float] = field(default_factory=dict)
+    """Wall-clock seconds of this step's rounds by phase (reduce_scatter, norm, step, all_gather)."""
+    round_phases_cpu_s: dict[str, float] = field(default_factory=dict)
+    """CPU seconds the worker thread spent in each phase of this step's rounds (its own work: quantizing,
+    the optimizer step, copies; not the collectives' transport threads, not time spent waiting)."""
     round_counts: list[list[int]] = field(default_factory=list)
     """Per round of this step (estimate first in acco mode): micro-batches of each rank."""
+    round_lr_factors: list[float] = field(default_factory=list)
+    """Per round of this step: what the round multiplied the scheduler's LR by (``acco.lr_scaling``; 1.0
+    without it)."""
 
     @property
     def micro_batches(self) -> int:

@@ -98,6 +98,7 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         self._min_micro = ga // 2 if self._mode == "acco" else ga
         self._max_micro = acco_config.max_micro_batches_per_round or 4 * self._min_micro
         self._adaptive = acco_config.adaptive_accumulation
+        self._lr_sqrt = acco_config.lr_scaling == "sqrt"
         self._timeout_s = acco_config.round_timeout_s
 
         group = self.dp_process_group
@@ -309,7 +310,9 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
                          hyperparams=[{k: v for k, v in g.items() if k not in _HYPERPARAM_SKIP}
                                       for g in self.optimizer.param_groups],
                          base_flats=list(self.bit16_groups_flat) if kind is RoundKind.ESTIMATE else [],
-                         loss_divisor=self._loss_divisor(kind), ready_event=ready)
+                         loss_divisor=self._loss_divisor(kind), ready_event=ready,
+                         lr_nominal_per_half=self._world * self._min_micro if self._lr_sqrt else 0,
+                         lr_max_kappa=self._max_micro / self._min_micro)
         if kind is RoundKind.ESTIMATE:
             self._estimate_loss_scale = loss_scale
         self._in_flight = self._worker.submit(spec)
@@ -352,7 +355,10 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         record.micro_batches_per_rank = [a + b for a, b in zip(record.micro_batches_per_rank, result.counts)] \
             if record.micro_batches_per_rank else list(result.counts)
         record.round_counts.append(list(result.counts))
+        record.round_lr_factors.append(result.lr_factor)
         record.round_phases_s = {k: record.round_phases_s.get(k, 0.0) + v for k, v in result.phase_s.items()}
+        record.round_phases_cpu_s = {k: record.round_phases_cpu_s.get(k, 0.0) + v
+                                     for k, v in result.phase_cpu_s.items()}
         if result.kind is RoundKind.ESTIMATE:
             record.estimate_round_s = result.duration_s
         else:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import math
 import queue
 import re
 import threading
@@ -115,6 +116,13 @@ class RoundSpec:
     short step itself). The round multiplies it back and divides by the global micro-batch count."""
     ready_event: Any = None
     """CUDA event recorded on the compute stream after the last accumulation (None on CPU)."""
+    lr_nominal_per_half: int = 0
+    """``acco.lr_scaling="sqrt"``: the global micro-batch count of one nominal half of a step (world size
+    x the minimum per round); the round's LR is multiplied by ``sqrt(min(kappa, lr_max_kappa))``, kappa =
+    its global count over this times the halves it sums (2 for a commit that adds a carried estimate).
+    0: the LR as launched."""
+    lr_max_kappa: float = 1.0
+    """The largest kappa: ``max_micro_batches_per_round`` over the minimum per round."""
 
 
 @dataclass
@@ -132,6 +140,10 @@ class RoundResult:
     grad_norm: float
     bytes_sent: int
     done_event: Any = None
+    phase_cpu_s: dict[str, float] = field(default_factory=dict)
+    """CPU seconds of the worker thread in each phase (``phase_s`` is wall-clock, waits included)."""
+    lr_factor: float = 1.0
+    """What the round multiplied the launch-time learning rate by (``acco.lr_scaling``)."""
 
 
 @dataclass
@@ -228,20 +240,23 @@ class ShardedRound:
         start = time.perf_counter()
         ctx = torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
         phase: dict[str, float] = {}
+        phase_cpu: dict[str, float] = {}
         self._bytes = 0
         with ctx, torch.no_grad():
             if spec.ready_event is not None:
                 self.stream.wait_event(spec.ready_event)
-            with _timed(phase, "reduce_scatter"):
+            with _timed(phase, phase_cpu, "reduce_scatter"):
                 sums = self._reduce_scatter_quantized(spec) if self._compressed(spec) else \
                     self._reduce_scatter_grads(spec)
-            with _timed(phase, "norm"):
+            halves = 2 if spec.kind is RoundKind.COMMIT and self._carried is not None else 1
+            with _timed(phase, phase_cpu, "norm"):
                 counts, total, sumsq = self._all_reduce_counts_and_norm(spec, sums)
             norm = (sumsq ** 0.5) * spec.loss_divisor / total if total else 0.0
             overflow = not (sumsq == sumsq and sumsq != float("inf"))
-            with _timed(phase, "step"):
-                stepped = self._step_shard(spec, sums, total, norm, overflow)
-            with _timed(phase, "all_gather"):
+            lr_factor = _lr_factor(spec, total, halves)
+            with _timed(phase, phase_cpu, "step"):
+                stepped = self._step_shard(spec, sums, total, norm, overflow, lr_factor)
+            with _timed(phase, phase_cpu, "all_gather"):
                 if self._compressed(spec):
                     self._all_gather_quantized_update(spec, stepped)
                 else:
@@ -251,8 +266,9 @@ class ShardedRound:
                 done_event = torch.cuda.Event()
                 done_event.record(self.stream)
         return RoundResult(index=spec.index, kind=spec.kind, step=spec.step,
-                           duration_s=time.perf_counter() - start, phase_s=phase, counts=counts,
-                           overflow=overflow, grad_norm=norm, bytes_sent=self._bytes, done_event=done_event)
+                           duration_s=time.perf_counter() - start, phase_s=phase, phase_cpu_s=phase_cpu,
+                           counts=counts, overflow=overflow, grad_norm=norm, bytes_sent=self._bytes,
+                           done_event=done_event, lr_factor=lr_factor)
 
     def _ring_bytes(self, numel: int, element_size: int) -> int:
         """Bytes this rank sends for a reduce-scatter or an all-gather of ``numel`` elements (ring algorithm)."""
@@ -319,7 +335,7 @@ class ShardedRound:
         return counts, total, values[self.world_size]
 
     def _step_shard(self, spec: RoundSpec, sums: list[torch.Tensor], total: int, norm: float,
-                    overflow: bool) -> list[torch.Tensor]:
+                    overflow: bool, lr_factor: float = 1.0) -> list[torch.Tensor]:
         """Step the master shards with the averaged gradient; return the stepped fp32 shards.
 
         A commit steps the shards and the optimizer state for good. An estimate leaves no trace:
@@ -333,14 +349,16 @@ class ShardedRound:
         if self.clip_grad > 0 and (norm + 1e-6) / self.clip_grad > 1:
             scale *= self.clip_grad / (norm + 1e-6)
         grads = [(summed * scale).to(shard.dtype) for shard, summed in zip(self.master_shards, sums)]
+        hyperparams = spec.hyperparams if lr_factor == 1.0 else \
+            [dict(hp, lr=hp["lr"] * lr_factor) if "lr" in hp else hp for hp in spec.hyperparams]
         if spec.kind is RoundKind.ESTIMATE:
-            estimate = adam_estimate(self.base_optimizer, self.master_shards, grads, spec.hyperparams)
+            estimate = adam_estimate(self.base_optimizer, self.master_shards, grads, hyperparams)
             if estimate is not None:
                 return estimate
         saved = snapshot_state(self.base_optimizer, self.master_shards) if spec.kind is RoundKind.ESTIMATE else None
         for shard, grad in zip(self.master_shards, grads):
             shard.grad = grad
-        _step_with_hyperparams(self.base_optimizer, spec.hyperparams)
+        _step_with_hyperparams(self.base_optimizer, hyperparams)
         stepped = []
         for shard in self.master_shards:
             shard.grad = None
@@ -388,12 +406,20 @@ def _step_with_hyperparams(optimizer: torch.optim.Optimizer, hyperparams: list[d
     view.step()
 
 
+def _lr_factor(spec: RoundSpec, total: int, halves: int) -> float:
+    """``sqrt(min(kappa, cap))`` under ``acco.lr_scaling="sqrt"`` (kappa: batch over nominal batch), else 1."""
+    if spec.lr_nominal_per_half <= 0 or total <= 0:
+        return 1.0
+    return math.sqrt(min(total / (spec.lr_nominal_per_half * halves), spec.lr_max_kappa))
+
+
 @contextlib.contextmanager
-def _timed(phase: dict[str, float], name: str) -> Iterator[None]:
-    start = time.perf_counter()
+def _timed(phase: dict[str, float], phase_cpu: dict[str, float], name: str) -> Iterator[None]:
+    start, cpu_start = time.perf_counter(), time.thread_time()
     with torch.profiler.record_function(f"deepspeed_acco::pipeline::{name}"):
         yield
     phase[name] = time.perf_counter() - start
+    phase_cpu[name] = time.thread_time() - cpu_start
 
 
 class AccoCommWorker:

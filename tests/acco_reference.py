@@ -195,14 +195,14 @@ class Simulator:
             return [g * (1.0 / clip) for g in grads]
         return grads
 
-    def step(self, sums: list[torch.Tensor], count: int, step_index: int) -> None:
-        """One AdamW step on the master weights with gradient ``sums / count``."""
+    def step(self, sums: list[torch.Tensor], count: int, step_index: int, lr_factor: float = 1.0) -> None:
+        """One AdamW step on the master weights with gradient ``sums / count`` at ``lr(step) * lr_factor``."""
         if count <= 0:
             raise ValueError("a round needs at least one micro-batch")
         grads = self._clip([s / count for s in sums])
         for m, g in zip(self.master, grads, strict=True):
             m.grad = g.clone()
-        lr_t = self._lr_at(step_index)
+        lr_t = self._lr_at(step_index) * lr_factor
         for group in self.opt.param_groups:
             group["lr"] = lr_t
         self.opt.step()
@@ -210,7 +210,7 @@ class Simulator:
             m.grad = None
 
     def tentative_step(
-        self, sums: list[torch.Tensor], count: int, step_index: int
+        self, sums: list[torch.Tensor], count: int, step_index: int, lr_factor: float = 1.0
     ) -> list[torch.Tensor]:
         """An ACCO estimate: step, read the result, restore weights and AdamW state exactly."""
         saved_master = self.snapshot_params()
@@ -221,7 +221,7 @@ class Simulator:
             }
             for p, s in self.opt.state.items()
         }
-        self.step(sums, count, step_index)
+        self.step(sums, count, step_index, lr_factor)
         estimate = self.snapshot_params()
         with torch.no_grad():
             for m, saved in zip(self.master, saved_master, strict=True):
@@ -363,6 +363,9 @@ def reference_train(
     initial_state: dict[str, Any] | None = None,
     estimate_compression: Literal["none", "int8"] = "none",
     block: int = 256,
+    lr_scaling: Literal["none", "sqrt"] = "none",
+    max_micro_batches_per_round: int | None = None,
+    lr_factors: list[float] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Simulate ``len(batches)`` data-parallel ranks and return the committed parameters.
 
@@ -400,12 +403,21 @@ def reference_train(
             chunks, each rank's quantization residual joins its commit-half gradients, and
             theta~ = theta_t + deQ(Q(Opt(theta_t, S~) - theta_t)) per chunk. One parameter group.
         block: elements per quantization block.
+        lr_scaling: ``"sqrt"`` (acco, adaptive accumulation): a round of ``c`` micro-batches over
+            all ranks, summing ``h`` halves of a step (2 for a commit with its estimate half, else 1),
+            runs at ``lr(t) * sqrt(min(c / (N * k * h), cap / k))``, ``k = GA // 2``, ``cap`` =
+            ``max_micro_batches_per_round`` (default ``4 k``): a batch kappa times the nominal one gets
+            sqrt(kappa) times the LR.
+        max_micro_batches_per_round: the per-rank cap of a round, bounding kappa.
+        lr_factors: if given, a list the factor of every round is appended to (in round order).
 
     Returns:
         ``theta_T`` as ``name -> fp32 tensor`` in ``model.named_parameters()`` order.
     """
     if mode not in ("sync", "acco", "dpu"):
         raise ValueError(f"unknown mode {mode!r}")
+    if lr_scaling != "none" and mode != "acco":
+        raise ValueError("lr_scaling applies to acco's adaptive accumulation only")
     if num_steps < 0:
         raise ValueError("num_steps must be >= 0")
     num_ranks = len(batches)
@@ -439,6 +451,18 @@ def reference_train(
     # Where the first (or only) round of the next step computes its gradients: theta_0 at the
     # start; then theta~_{t+1} (acco), theta_t (dpu: one step stale) or theta_{t+1} (sync, and
     # acco after a step the caller ended inside its estimate half: the pipeline restarts there).
+    k = max(1, ga // 2)
+    max_kappa = (max_micro_batches_per_round or 4 * k) / k
+
+    def factor(count: int, halves: int) -> float:
+        if lr_scaling == "none":
+            f = 1.0
+        else:
+            f = min(count / (num_ranks * k * halves), max_kappa) ** 0.5
+        if lr_factors is not None:
+            lr_factors.append(f)
+        return f
+
     compute_at = sim.snapshot_params()
     for t, rounds in enumerate(step_rounds):
         compressed = mode == "acco" and len(rounds) == 2 and estimate_compression == "int8"
@@ -453,7 +477,7 @@ def reference_train(
             # Estimate round: theta~_{t+1} = Opt(theta_t, G~_t), then exact rollback.
             # Meanwhile the compute side accumulates G_t at theta_t.
             theta_t = sim.snapshot_params()
-            theta_est = sim.tentative_step(first_sums, first_count, t)
+            theta_est = sim.tentative_step(first_sums, first_count, t, factor(first_count, 1))
             if compressed:
                 flat_t = _padded(torch.cat([x.reshape(-1) for x in theta_t]), num_ranks)
                 update = _padded(torch.cat([x.reshape(-1) for x in theta_est]), num_ranks) - flat_t
@@ -464,13 +488,13 @@ def reference_train(
             # Commit round: theta_{t+1} = Opt(theta_t, (G~_t + G_t) / (c~ + c)); meanwhile the
             # compute side accumulates G~_{t+1} at theta~_{t+1}.
             total = [a + b for a, b in zip(first_sums, sums, strict=True)]
-            sim.step(total, first_count + count, t)
+            sim.step(total, first_count + count, t, factor(first_count + count, 2))
             compute_at = theta_est
         elif mode == "dpu":
             compute_at = sim.snapshot_params()  # theta_t, loaded at this boundary
-            sim.step(first_sums, first_count, t)  # theta_{t+1} = Opt(theta_t, G(theta_{t-1}))
+            sim.step(first_sums, first_count, t, factor(first_count, 1))  # theta_{t+1} = Opt(theta_t, G(theta_{t-1}))
         else:
             # sync; or acco's commit of an estimate half alone (no estimate round), then restart.
-            sim.step(first_sums, first_count, t)
+            sim.step(first_sums, first_count, t, factor(first_count, 1))
             compute_at = sim.snapshot_params()
     return sim.result()

@@ -28,7 +28,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.mark.slow
 @pytest.mark.multinode
-@pytest.mark.timeout(480)
+@pytest.mark.timeout(720)
 def test_smoke_benchmark_writes_documented_schema(tmp_path: Path) -> None:
     """Every method runs over the shaped link and each run row carries the documented fields."""
     if os.geteuid() != 0 and not os.environ.get("ACCO_REQUIRE_MULTINODE"):
@@ -68,3 +68,16 @@ def test_smoke_benchmark_writes_documented_schema(tmp_path: Path) -> None:
     for png in sorted(tmp_path.glob("*.png")):
         assert png.read_bytes()[:8] == PNG_MAGIC
     assert len(list(tmp_path.glob("*.png"))) >= 3 and list(tmp_path.glob("*.md")), sorted(tmp_path.iterdir())
+
+    # --resume: every launch of that run finished, so a continuation reads them all back and runs none.
+    log_dir = next(line.split("logs: ", 1)[1].strip() for line in output.splitlines() if line.startswith("logs: "))
+    again = tmp_path / "resumed.json"
+    proc = subprocess.run([sys.executable, "benchmarks/run.py", "--smoke", "--resume", log_dir, "--out", str(again),
+                           "--no_report"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    resumed = json.loads(again.read_text())
+    assert [(r["case"], r["step_time_s"]) for r in resumed["runs"]] == [(r["case"], r["step_time_s"]) for r in runs]
+    assert resumed["wall_s"] < 60, "nothing was run again"
+    refused = subprocess.run([sys.executable, "benchmarks/run.py", "--smoke", "--reps", "2", "--resume", log_dir,
+                              "--out", str(again)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "reps (was 1, now 2)" in refused.stderr, refused.stderr[-2000:]

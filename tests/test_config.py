@@ -114,6 +114,9 @@ REFUSED: list[tuple[str, dict[str, Any], str]] = [
     ("bad type", base_config(acco={"enabled": True, "round_timeout_s": "soon"}), "acco.round_timeout_s"),
     ("dpu + adaptive", base_config(acco={"enabled": True, "mode": "dpu", "adaptive_accumulation": True}),
      "acco.adaptive_accumulation=true is only implemented for acco.mode='acco'"),
+    ("lr_scaling without adaptive", base_config(acco={"enabled": True, "lr_scaling": "sqrt"}),
+     "acco.lr_scaling='sqrt' scales the LR by how much a round's batch grew, which only adaptive accumulation "
+     "does; set acco.adaptive_accumulation to true or acco.lr_scaling to 'none'"),
     ("param offload", base_config(zero_optimization={"stage": 1, "offload_param": {"device": "cpu"}}, **ON),
      "zero_optimization.offload_param"),
     # DeepSpeed 0.19 refuses amp itself, before ACCO's check, with its own fix ("Use DeepSpeed 'fp16', 'bf16'").

@@ -115,12 +115,18 @@ class Job:
         pytest.fail(f"no line matching {pattern!r}:\n{self.output[-6000:]}")
 
     def finish(self, timeout_s: float) -> int:
-        """Wait for the launcher to exit (fail after ``timeout_s``); return its status."""
+        """Wait for the launcher to exit and for every process of the job to close the output (all within
+        ``timeout_s``, or fail); return the launcher's status.
+
+        The ``deepspeed`` runner can exit before its ranks do (SIGTERM to the job kills it at once while
+        launch.py still waits for the ranks), so its exit alone does not mean the ranks have said their last.
+        """
+        deadline = time.monotonic() + timeout_s
         try:
             rc = self.proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             pytest.fail(f"the launcher did not exit within {timeout_s} s:\n{self.output[-6000:]}")
-        self._reader.join(timeout=5)
+        self._reader.join(timeout=max(5.0, deadline - time.monotonic()))
         return rc
 
     def leftovers(self, within_s: float = 10.0) -> list[int]:

@@ -47,6 +47,9 @@ JOBS: dict[str, tuple[Any, ...]] = {
     "acco_sched": (base_config(GA, LR, scheduler=SCHED, **_acco()), 4, SEED),
     "acco_clip": (base_config(GA, LR, gradient_clipping=0.05, **_acco()), STEPS, SEED),
     "adaptive": ADAPTIVE,
+    "adaptive_sqrt": (base_config(GA, LR, scheduler=SCHED, **_acco(adaptive_accumulation=True, lr_scaling="sqrt",
+                                                                   max_micro_batches_per_round=6)),
+                      4, SEED, {"slow_s": 0.15}),
     # The caller ends steps early (set_gradient_accumulation_boundary(True) + step): in the commit half, at the
     # estimate boundary and inside the estimate half ({step: micro-batches of that step}).
     "forced_acco": (base_config(GA, LR, **_acco()), 5, SEED, {"force_in_step": {1: 3, 2: 2, 3: 1}}),
@@ -172,12 +175,14 @@ def test_estimate_rollback_is_exact(runs: dict[str, Any]) -> None:
         assert len(checks) == STEPS and all(checks), checks
 
 
+def _sched_lr(t: int) -> float:
+    """SCHED's LR at committed step t (DeepSpeed's WarmupLR, linear)."""
+    return 0.002 + 0.008 * min(1.0, max(0, t - 1) / 2)
+
+
 def test_scheduler_steps_once_per_commit(runs: dict[str, Any]) -> None:
     """WarmupLR steps once per committed step; both rounds of step t use lr(t)."""
-    def lr(t: int) -> float:
-        return 0.002 + 0.008 * min(1.0, max(0, t - 1) / 2)
-
-    diff = _max_diff(job_result(runs, "acco_sched")[0]["params"], _reference("acco", steps=4, lr=lr))
+    diff = _max_diff(job_result(runs, "acco_sched")[0]["params"], _reference("acco", steps=4, lr=_sched_lr))
     print(f"PARITY acco+WarmupLR: max |diff| = {diff:.3e}")
     assert diff < TOL
     assert job_result(runs, "acco_sched")[0]["global_steps"] == 4
@@ -206,6 +211,26 @@ def test_adaptive_accumulation(runs: dict[str, Any]) -> None:
     print(f"PARITY adaptive: max |diff| = {diff:.3e}")
     assert diff < TOL
     assert _ranks_identical(job_result(runs, "adaptive"))
+
+
+def test_adaptive_sqrt_lr_scaling(runs: dict[str, Any]) -> None:
+    """``lr_scaling="sqrt"``: each round's LR is the scheduler's times sqrt(its batch over the nominal batch, capped);
+    the factors and the parameters equal the reference's at the recorded counts."""
+    run0, run1 = job_result(runs, "adaptive_sqrt")
+    counts = [c for m in run0["metrics"] for c in m["round_counts"]]
+    assert counts == [c for m in run1["metrics"] for c in m["round_counts"]]
+    factors = [f for m in run0["metrics"] for f in m["round_lr_factors"]]
+    expected: list[float] = []
+    diff = _max_diff(run0["params"], _reference("acco", steps=4, counts=counts, lr=_sched_lr, lr_scaling="sqrt",
+                                                max_micro_batches_per_round=6, lr_factors=expected))
+    print(f"ADAPTIVE sqrt: round counts {counts}, LR factors {[round(f, 4) for f in factors]}; "
+          f"PARITY max |diff| = {diff:.3e}")
+    assert factors == pytest.approx(expected, rel=1e-12)
+    assert max(factors) > 1.0, "a round with more than the nominal micro-batches ran at a higher LR"
+    assert diff < TOL
+    unscaled = _reference("acco", steps=4, counts=counts, lr=_sched_lr)
+    assert _max_diff(run0["params"], unscaled) > 100 * TOL, "the scaling changed the trajectory"
+    assert _ranks_identical(job_result(runs, "adaptive_sqrt"))
 
 
 def test_bf16_trains(low_precision_runs: dict[str, Any]) -> None:
