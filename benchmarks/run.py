@@ -17,6 +17,9 @@ sum of the workers' standalone rates.
     flock /tmp/acco-cpu.lock python benchmarks/run.py --quick --out benchmarks/results/quick.json
     python benchmarks/run.py --smoke --out /tmp/smoke.json          # < 2 minutes, same schema
 
+``--time_to_target`` runs the time-to-target comparison instead (``benchmarks/time_to_target.py``: ZeRO-1's
+held-out loss after a fixed budget is the target, every method trains until it reaches it).
+
 Needs root (namespaces, tc, cgroups). Writes the JSON (``{"runs", "summary", "machine", "command",
 "calibration"}``, the calibration per model preset), then ``benchmarks/report.py`` turns it into a markdown
 table and PNG plots next to it.
@@ -46,13 +49,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.worker import METHODS  # noqa: E402
+from benchmarks.worker import CASES, METHODS  # noqa: E402
 from tests.netns import FakeHosts  # noqa: E402
 
 __all__ = ["main", "parse_args", "check_resume", "write_run_identity", "preset_args", "run_preset", "summarize_case",
            "derive_bandwidths", "calibrate", "CpuQuota"]
 
 WORKER = ROOT / "benchmarks" / "worker.py"
+TTT_METHODS = ("zero1", "acco", "acco_int8", "dpu", "acco_adaptive", "acco_adaptive_sqrt")
+"""The time-to-target methods: adaptive ACCO with each LR rule (``acco.lr_scaling`` none and sqrt)."""
 RANKS = 2
 
 
@@ -74,7 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None,
                    help="committed optimizer steps per run (quick: 14 for tiny, 8 for dense)")
     p.add_argument("--skip", type=int, default=None, help="first steps excluded from step-time medians (quick: 2)")
-    p.add_argument("--methods", default=",".join(METHODS), help="cases of the homogeneous runs")
+    p.add_argument("--methods", default=None,
+                   help=f"cases of the homogeneous runs (default: {','.join(METHODS)}; with --time_to_target: "
+                        f"{','.join(TTT_METHODS)}, zero1 first: it sets the target)")
     p.add_argument("--presets", default=None,
                    help="examples/train_lm.py model presets, one sweep each (quick: tiny,dense; smoke: tiny)")
     p.add_argument("--micro_batch", type=int, default=None, help="micro-batch (default: 8 for tiny, 4 for dense)")
@@ -96,15 +103,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "same setting, e.g. from `deepspeed --hostfile ... benchmarks/worker.py --out RAW`) into "
                         "--out and the report")
     p.add_argument("--link_mbit", type=float, default=0.0, help="with --summarize: the real link's speed (label)")
+    ttt = p.add_argument_group("time to target (benchmarks/time_to_target.py)")
+    ttt.add_argument("--time_to_target", action="store_true",
+                     help="instead of the step-time sweep: ZeRO-1 trains --steps steps and its final held-out loss "
+                          "is the target; every method then trains until it reaches it or the cap (quick: tiny, "
+                          "M/C 0.5 and 2, 3 seeds, 40-step budget, about 1.5 h on a 2-core AMD EPYC VM)")
+    ttt.add_argument("--seeds", default=None, help="model/data seeds, one launch per seed and M/C (quick: 1,2,3)")
+    ttt.add_argument("--eval_every_steps", type=float, default=None,
+                     help="evaluate every this many of ZeRO-1's steps' worth of tokens (quick: 4)")
+    ttt.add_argument("--cap_factor", type=float, default=None,
+                     help="stop a method unreached at this x ZeRO-1's wall-clock (default 2)")
     args = p.parse_args(argv)
-    preset = {"ratios": "0.5", "reps": 1, "skip": 2, "presets": "tiny"} if args.smoke else \
-        {"ratios": "0,0.25,0.5,1,2,3", "reps": 3, "skip": 2, "presets": "tiny,dense"}
+    if args.time_to_target:
+        preset = {"ratios": "0.5", "skip": 1, "presets": "tiny", "seeds": "1", "steps": 6, "eval_every_steps": 2,
+                  "methods": ",".join(TTT_METHODS)} if args.smoke else \
+            {"ratios": "0.5,2", "skip": 2, "presets": "tiny", "seeds": "1,2,3", "steps": 40, "eval_every_steps": 4,
+             "methods": ",".join(TTT_METHODS)}
+        preset.update(reps=1, cap_factor=2.0)
+        args.hetero_slowdown = 0.0
+    else:
+        preset = {"ratios": "0.5", "reps": 1, "skip": 2, "presets": "tiny"} if args.smoke else \
+            {"ratios": "0,0.25,0.5,1,2,3", "reps": 3, "skip": 2, "presets": "tiny,dense"}
+        preset["methods"] = ",".join(METHODS)
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     args.ratio_list = [float(r) for r in str(args.ratios).split(",") if r]
     args.method_list = [m for m in args.methods.split(",") if m]
     args.preset_list = [m for m in args.presets.split(",") if m]
+    args.seed_list = [int(x) for x in str(args.seeds or "").split(",") if x]
+    unknown = [m for m in args.method_list if m not in CASES]
+    if unknown:
+        p.error(f"--methods: unknown {unknown}; choose from {', '.join(CASES)}")
+    if args.time_to_target and (args.method_list[:1] != ["zero1"] or len(args.preset_list) != 1):
+        p.error("--time_to_target: --methods must start with zero1 (it sets the target) and --presets name one model")
     if args.ga % 2:
         p.error("--ga must be even (ACCO splits a step into two rounds)")
     return args
@@ -183,7 +215,8 @@ def check_resume(log_dir: Path, args: argparse.Namespace) -> str | None:
     if saved["cpu"] != now["cpu"]:
         return f"--resume {log_dir}: that run ran on {saved['cpu']!r}, this machine is {now['cpu']!r}; start a new run"
     differ = sorted(k for k in set(saved["settings"]) | set(now["settings"])
-                    if saved["settings"].get(k) != now["settings"].get(k))
+                    if saved["settings"].get(k) != now["settings"].get(k)
+                    and not (k not in saved["settings"] and now["settings"][k] in (None, False, [])))
     if differ:
         return (f"--resume {log_dir}: settings differ from the interrupted run's: "
                 + ", ".join(f"{k} (was {saved['settings'].get(k)!r}, now {now['settings'].get(k)!r})" for k in differ)
@@ -201,8 +234,8 @@ class Launcher:
         self.count = 0
 
     def run(self, tag: str, methods: list[str], steps: int, timeout_s: float, probe_s: float = 0.0,
-            slow: CpuQuota | None = None) -> dict[str, Any]:
-        """Run ``methods`` in one worker job (both ranks); return rank 0's JSON."""
+            slow: CpuQuota | None = None, extra: list[str] | None = None) -> dict[str, Any]:
+        """Run ``methods`` in one worker job (both ranks, ``extra`` worker arguments); return rank 0's JSON."""
         self.count += 1
         self.port += 1
         out = self.log_dir / f"{self.count:02d}_{tag}.json"
@@ -212,7 +245,7 @@ class Launcher:
         logs = []
         worker_args = ["--methods", ",".join(methods), "--steps", str(steps), "--preset", self.args.preset,
                        "--micro_batch", str(self.args.micro_batch), "--ga", str(self.args.ga),
-                       "--probe_s", str(probe_s), "--timeout_s", str(max(60.0, timeout_s))]
+                       "--probe_s", str(probe_s), "--timeout_s", str(max(60.0, timeout_s)), *(extra or [])]
         try:
             for k in reversed(range(RANKS)):  # rank 1 first: rank 0 hosts the store
                 env = ["env", f"RANK={k}", f"WORLD_SIZE={RANKS}", "LOCAL_RANK=0", "LOCAL_SIZE=1",
@@ -466,7 +499,7 @@ def _git_state() -> dict[str, Any]:
 
 
 @contextmanager
-def _signals_raise() -> Iterator[None]:
+def signals_raise() -> Iterator[None]:
     """Turn SIGTERM/SIGHUP into KeyboardInterrupt so that the clean-up in ``finally`` runs."""
     def handler(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
@@ -596,6 +629,10 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("benchmarks/run.py needs root (network namespaces, tc, cgroups)", file=sys.stderr)
         return 2
+    if args.time_to_target:
+        from benchmarks.time_to_target import run_sweep
+
+        return run_sweep(args, argv)
     rng = random.Random(args.seed)
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -613,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     quota: CpuQuota | None = None
     hosts = FakeHosts(2, prefix="accobench", subnet="10.232.0")
     print(f"logs: {log_dir}", flush=True)
-    with _signals_raise():
+    with signals_raise():
         try:
             hosts.up()
             launcher = Launcher(hosts, args, log_dir)

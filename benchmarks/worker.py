@@ -37,11 +37,14 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import torch  # noqa: E402
 
-__all__ = ["METHODS", "build_config", "main", "parse_args", "read_tx_bytes"]
+__all__ = ["CASES", "METHODS", "build_config", "main", "parse_args", "read_tx_bytes"]
 
 METHODS = ("zero1", "acco", "acco_int8", "dpu", "acco_adaptive")
-"""Cases a worker can run: ds_configs/zero1.json, acco.json, acco.json with the int8-compressed estimate
+"""The step-time sweep's cases: ds_configs/zero1.json, acco.json, acco.json with the int8-compressed estimate
 round, dpu.json, and acco.json with adaptive accumulation."""
+
+CASES = (*METHODS, "acco_adaptive_sqrt")
+"""Cases a worker can run: ``METHODS`` and adaptive accumulation with ``acco.lr_scaling = "sqrt"``."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,7 +52,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--methods", default="zero1,acco,acco_int8,dpu,acco_adaptive",
-                   help=f"comma-separated cases, run in this order; any of {', '.join(METHODS)}")
+                   help=f"comma-separated cases, run in this order; any of {', '.join(CASES)}")
     p.add_argument("--steps", type=int, default=20, help="committed optimizer steps per case")
     p.add_argument("--preset", default="tiny", help="examples/train_lm.py model preset")
     p.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default: the preset's)")
@@ -62,30 +65,37 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seconds of a standalone compute probe (fwd+bwd, no communication) before training")
     p.add_argument("--iface", default="eth0", help="interface whose tx bytes are counted (/proc/net/dev)")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--eval_every_tokens", type=int, default=0,
+                   help="time to target: evaluate the committed weights every this many tokens (all ranks), at "
+                   "step 0 and at the end; the first case (zero1) trains --steps and its final held-out loss "
+                   "becomes the target the other cases train to (0: off)")
+    p.add_argument("--cap_factor", type=float, default=2.0,
+                   help="time to target: a case stops unreached after this many times the first case's wall-clock")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     p.add_argument("--timeout_s", type=float, default=300.0, help="process-group and ACCO round timeout")
     p.add_argument("--out", default=None, help="rank 0 writes the JSON records here")
     p.add_argument("--local_rank", type=int, default=-1, help="passed by the deepspeed launcher; unused")
     args = p.parse_args(argv)
     args.method_list = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in args.method_list if m not in METHODS]
+    unknown = [m for m in args.method_list if m not in CASES]
     if unknown:
-        p.error(f"unknown method(s) {unknown}; choose from {METHODS}")
+        p.error(f"unknown method(s) {unknown}; choose from {CASES}")
     return args
 
 
 def build_config(method: str, args: argparse.Namespace) -> dict[str, Any]:
     """The DeepSpeed config of a case: the repository's ds_configs file with this run's batch shape."""
-    name = {"zero1": "zero1", "acco": "acco", "acco_int8": "acco", "dpu": "dpu", "acco_adaptive": "acco"}[method]
+    name = {"zero1": "zero1", "dpu": "dpu"}.get(method, "acco")
     config: dict[str, Any] = json.loads((ROOT / "ds_configs" / f"{name}.json").read_text())
     config["train_micro_batch_size_per_gpu"] = args.micro_batch
     config["gradient_accumulation_steps"] = args.ga
     config.pop("train_batch_size", None)
     if "acco" in config:
         config["acco"]["estimate_compression"] = "int8" if method == "acco_int8" else "none"
-    if method == "acco_adaptive":
+    if method.startswith("acco_adaptive"):
         config["acco"]["adaptive_accumulation"] = True
         config["acco"]["max_micro_batches_per_round"] = args.max_micro_factor * max(1, args.ga // 2)
+        config["acco"]["lr_scaling"] = "sqrt" if method == "acco_adaptive_sqrt" else "none"
     if "acco" in config:
         config["acco"]["round_timeout_s"] = args.timeout_s
     return config
@@ -179,8 +189,16 @@ def probe_rate(args: argparse.Namespace, corpus: Any, seconds: float, warmup_s: 
 
 
 def run_case(method: str, args: argparse.Namespace, corpus: Any, eval_set: list[torch.Tensor],
-             target_tokens: int) -> dict[str, Any]:
-    """Train one case; return this rank's raw records."""
+             target_tokens: int, chase: dict[str, float] | None = None) -> dict[str, Any]:
+    """Train one case; return this rank's raw records.
+
+    With ``args.eval_every_tokens`` the committed weights are evaluated at step 0, every that many
+    tokens and at the end (``evals``: step, tokens, wall-clock without evaluations averaged over the
+    ranks, held-out loss; every rank takes the same decisions from these all-reduced figures). Without
+    ``chase`` the case trains ``args.steps`` steps (it sets the target); with ``chase``
+    (``target_loss``, ``cap_s``) it trains until an evaluation reaches the target, the wall-clock
+    passes the cap, or 4 x ``args.steps`` steps.
+    """
     import train_lm
     from deepspeed import comm as dist
 
@@ -212,8 +230,46 @@ def run_case(method: str, args: argparse.Namespace, corpus: Any, eval_set: list[
     paused_steps: list[int] = []
     loss_sum, local_micro, position = 0.0, 0, 0
     current: list[float] = []
+    adaptive = method.startswith("acco_adaptive")
+    every = args.eval_every_tokens
+    evals: list[dict[str, Any]] = []
+    reached = False
+
+    def committed_tokens() -> int:
+        if adaptive:
+            return sum(r["micro_batches"] for r in records) * tokens_per_micro
+        return engine.global_steps * args.ga * world * tokens_per_micro
+
+    def evaluate_now() -> dict[str, Any]:
+        """Held-out loss of the committed weights, the evaluation excluded from the wall-clock.
+
+        ACCO first waits for its round in flight (the committed weights are that round's result); the
+        wait is counted as training time, though without the evaluation part of it would have overlapped
+        the next step's compute: evaluations cost ACCO up to one round each (``drain_s`` says how much).
+        """
+        nonlocal paused, tx0, records
+        d0 = time.perf_counter()
+        if hasattr(engine.optimizer, "drain"):  # AccoZeroOptimizer
+            engine.optimizer.drain()
+        drain_s = time.perf_counter() - d0
+        wall = time.perf_counter() - t0 - paused
+        p0, txp = time.perf_counter(), read_tx_bytes(args.iface)
+        value, mean_wall = train_lm.evaluate(engine, eval_set, (wall, 1))
+        records += [r.as_dict() for r in deepspeed_acco.pop_metrics(engine)]
+        point = {"step": engine.global_steps, "tokens": committed_tokens(), "wall_s": mean_wall, "loss": value,
+                 "drain_s": drain_s}
+        evals.append(point)
+        paused += time.perf_counter() - p0
+        if engine.global_steps:
+            paused_steps.append(engine.global_steps + 1)  # the pipeline refills in the next step
+        tx0 += read_tx_bytes(args.iface) - txp
+        return point
+
+    if every:
+        evaluate_now()
+    limit = args.steps if chase is None else 4 * args.steps
     engine.train()
-    while engine.global_steps < args.steps:
+    while engine.global_steps < limit and not reached:
         batch = windows[position].to(engine.device)
         position += 1
         m0 = time.perf_counter()
@@ -235,7 +291,15 @@ def run_case(method: str, args: argparse.Namespace, corpus: Any, eval_set: list[
         step_local_micro.append(local_micro)
         loss_sum, local_micro = 0.0, 0
         records += [r.as_dict() for r in deepspeed_acco.pop_metrics(engine)]
-        if method == "acco_adaptive" and mid_eval is None and records \
+        if every:
+            if committed_tokens() >= evals[-1]["tokens"] + every or engine.global_steps >= limit:
+                point = evaluate_now()
+                if chase is not None:
+                    reached = point["loss"] <= chase["target_loss"]
+                    if not reached and point["wall_s"] >= chase["cap_s"]:
+                        break
+            continue
+        if adaptive and mid_eval is None and records \
                 and sum(r["micro_batches"] for r in records) * tokens_per_micro >= target_tokens:
             # Held-out loss once this run has consumed ZeRO-1's token budget (equal-token comparison).
             p0, txp = time.perf_counter(), read_tx_bytes(args.iface)
@@ -249,6 +313,7 @@ def run_case(method: str, args: argparse.Namespace, corpus: Any, eval_set: list[
     deepspeed_acco.flush(engine)
     records += [r.as_dict() for r in deepspeed_acco.pop_metrics(engine)]
     train_s = time.perf_counter() - t0 - paused
+    config_acco = config.get("acco", {})
     tx = read_tx_bytes(args.iface) - tx0
     cpu1 = thread_cpu_s()
     thread_cpu = {name: cpu1[name] - cpu0.get(name, 0.0) for name in cpu1}
@@ -256,7 +321,7 @@ def run_case(method: str, args: argparse.Namespace, corpus: Any, eval_set: list[
     final_eval, _ = train_lm.evaluate(engine, eval_set, (0.0, 0))
     out = {
         "method": "zero1" if method == "zero1" else ("dpu" if method == "dpu" else "acco"),
-        "case": method, "adaptive_accumulation": method == "acco_adaptive", "rank": rank, "world_size": world,
+        "case": method, "adaptive_accumulation": adaptive, "rank": rank, "world_size": world,
         "acco": acco, "steps": engine.global_steps, "n_params": n_params, "micro_batch": args.micro_batch,
         "ga": args.ga, "seq_len": args.seq_len, "tokens_per_micro_batch": tokens_per_micro,
         "commit_t": commit_t, "train_s": train_s, "step_loss": step_loss, "step_local_micro": step_local_micro,
@@ -265,9 +330,12 @@ def run_case(method: str, args: argparse.Namespace, corpus: Any, eval_set: list[
         "peak_rss_mb": peak_rss, "ru_maxrss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "final_eval_loss": final_eval, "mid_eval": mid_eval, "paused_steps": paused_steps,
         "comm_dtype": str(getattr(engine.optimizer, "communication_data_type", "")),
+        "seed": args.seed, "lr_scaling": config_acco.get("lr_scaling", "none") if acco else None,
+        "evals": evals, "target_loss": chase["target_loss"] if chase else None,
+        "cap_s": chase["cap_s"] if chase else None, "reached": reached if chase else None,
     }
     engine.destroy()
-    del engine, model
+    engine = model = None  # freed before the next case
     gc.collect()
     return out
 
@@ -306,10 +374,13 @@ def main(argv: list[str] | None = None) -> int:
         gc.collect()
 
     cases = []
+    chase: dict[str, float] | None = None
     for method in args.method_list:
         random.seed(args.seed)
         t = time.perf_counter()
-        case = run_case(method, args, corpus, eval_set, target_tokens)
+        case = run_case(method, args, corpus, eval_set, target_tokens, chase)
+        if args.eval_every_tokens and chase is None:  # the first case set the target (same on every rank)
+            chase = {"target_loss": case["evals"][-1]["loss"], "cap_s": args.cap_factor * case["evals"][-1]["wall_s"]}
         case["case_wall_s"] = time.perf_counter() - t
         gathered: list[Any] = [None] * world
         dist.all_gather_object(gathered, case)

@@ -81,3 +81,46 @@ def test_smoke_benchmark_writes_documented_schema(tmp_path: Path) -> None:
     refused = subprocess.run([sys.executable, "benchmarks/run.py", "--smoke", "--reps", "2", "--resume", log_dir,
                               "--out", str(again)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert refused.returncode == 2 and "reps (was 1, now 2)" in refused.stderr, refused.stderr[-2000:]
+
+
+TTT_FIELDS = ("seed", "reached", "lr_scaling", "time_to_target_s", "tokens_to_target", "target_loss")
+
+
+@pytest.mark.slow
+@pytest.mark.multinode
+@pytest.mark.timeout(900)
+def test_time_to_target_smoke_writes_documented_fields(tmp_path: Path) -> None:
+    """``--time_to_target --smoke``: ZeRO-1 sets the target, every method chases it; the documented fields."""
+    if os.geteuid() != 0 and not os.environ.get("ACCO_REQUIRE_MULTINODE"):
+        pytest.skip("benchmarks/run.py needs root for network namespaces and tc")
+    out = tmp_path / "ttt.json"
+    proc = subprocess.run([sys.executable, "benchmarks/run.py", "--time_to_target", "--smoke", "--out", str(out)],
+                          cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, capture_output=True, text=True,
+                          timeout=840)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"--time_to_target --smoke exited {proc.returncode}:\n{output[-6000:]}"
+    result = json.loads(out.read_text())
+    runs = {r["case"]: r for r in result["runs"]}
+    assert set(runs) == {"zero1", "acco", "acco_int8", "dpu", "acco_adaptive", "acco_adaptive_sqrt"}, sorted(runs)
+    assert [r["case"] for r in result["runs"]][0] == "zero1"  # it trains first: it sets the target
+    zero1 = runs["zero1"]
+    for case, row in runs.items():
+        missing = [k for k in TTT_FIELDS if k not in row]
+        assert not missing, f"{case} lacks {missing}"
+        assert row["target_loss"] == zero1["target_loss"] and row["seed"] == 1, (case, row["target_loss"])
+        walls = [e["wall_s"] for e in row["evals"]]
+        assert walls == sorted(walls) and row["evals"][0]["step"] == 0, (case, walls)
+        if row["reached"]:
+            assert 0 <= row["time_to_target_s"] <= walls[-1] and row["evals"][-1]["loss"] <= row["target_loss"]
+            assert 0 <= row["tokens_to_target"] <= row["evals"][-1]["tokens"]
+        else:  # stopped by the cap (or the step limit), never below the target
+            assert row["time_to_target_s"] is None and min(e["loss"] for e in row["evals"]) > row["target_loss"]
+            assert walls[-1] >= row["cap_s"] or row["steps"] >= 4 * result["settings"]["steps"], (case, walls)
+    # ZeRO-1 reaches its own final loss, by its last evaluation at the latest.
+    assert zero1["reached"] and zero1["time_to_target_s"] <= zero1["train_wall_s"]
+    assert zero1["evals"][-1]["step"] == result["settings"]["steps"]
+    assert {runs["acco_adaptive"]["lr_scaling"], runs["acco_adaptive_sqrt"]["lr_scaling"]} == {"none", "sqrt"}
+    assert zero1["lr_scaling"] is None and runs["acco"]["lr_scaling"] == "none"
+    assert {s["case"] for s in result["summary"]} == set(runs) and len(result["targets"]) == 1
+    png = tmp_path / "ttt_loss_time.png"
+    assert png.read_bytes()[:8] == PNG_MAGIC and "Time to target" in (tmp_path / "ttt.md").read_text()
