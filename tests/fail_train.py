@@ -43,6 +43,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--slow_s", type=float, default=0.0, help="sleep per micro-batch (slows the job down)")
     parser.add_argument("--kill_rank", type=int, default=-1, help="this rank SIGKILLs itself inside a round")
     parser.add_argument("--kill_round", type=int, default=6, help="... in this round, after its reduce-scatter")
+    parser.add_argument("--freeze_launcher", action="store_true",
+                        help="... after SIGSTOPping its parent (launch.py), so that the surviving rank meets the dead "
+                             "peer before launch.py can SIGTERM it; the test sends SIGCONT")
     parser.add_argument("--stall_rank", type=int, default=-1, help="this rank sleeps in its training loop")
     parser.add_argument("--stall_step", type=int, default=3, help="... before the first micro-batch of this step")
     parser.add_argument("--stall_s", type=float, default=3600.0, help="... for this long")
@@ -59,14 +62,18 @@ def say(rank: int, text: str) -> None:
     sys.stdout.flush()
 
 
-def _kill_inside_round(optimizer: Any, rank: int, round_index: int) -> None:
-    """Wrap the worker's round so that round ``round_index`` SIGKILLs this process after its reduce-scatter."""
+def _kill_inside_round(optimizer: Any, rank: int, round_index: int, freeze_launcher: bool) -> None:
+    """Wrap the worker's round so that round ``round_index`` SIGKILLs this process after its reduce-scatter
+    (with ``freeze_launcher``, first SIGSTOP launch.py, which would otherwise race the survivor with a SIGTERM)."""
     sharded = optimizer._round
     reduce_scatter = sharded._reduce_scatter_grads
 
     def dying(spec: Any) -> Any:
         sums = reduce_scatter(spec)
         if spec.index == round_index:
+            if freeze_launcher:
+                say(rank, f"SIGSTOP to launch.py pid={os.getppid()}")
+                os.kill(os.getppid(), signal.SIGSTOP)
             say(rank, f"killing myself with SIGKILL in round {spec.index} (worker thread, mid-round)")
             os.kill(os.getpid(), signal.SIGKILL)
         return sums
@@ -90,7 +97,7 @@ def main() -> int:
     engine, *_ = deepspeed_acco.initialize(model=module, model_parameters=module.parameters(), config=cfg)
     worker = engine.optimizer._worker
     if rank == args.kill_rank:
-        _kill_inside_round(engine.optimizer, rank, args.kill_round)
+        _kill_inside_round(engine.optimizer, rank, args.kill_round, args.freeze_launcher)
     gen = torch.Generator().manual_seed(1000 + rank)
     try:
         while engine.global_steps < args.steps:
