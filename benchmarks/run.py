@@ -629,10 +629,6 @@ def main(argv: list[str] | None = None) -> int:
     if os.geteuid() != 0:
         print("benchmarks/run.py needs root (network namespaces, tc, cgroups)", file=sys.stderr)
         return 2
-    if args.time_to_target:
-        from benchmarks.time_to_target import run_sweep
-
-        return run_sweep(args, argv)
     rng = random.Random(args.seed)
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -641,6 +637,10 @@ def main(argv: list[str] | None = None) -> int:
     if problem:
         print(problem, file=sys.stderr)
         return 2
+    if args.time_to_target:
+        from benchmarks.time_to_target import run_sweep
+
+        return run_sweep(args, argv, log_dir)
     hetero = args.hetero_slowdown > 0
     n_launches = len(args.preset_list) * (3 + args.reps * len(args.ratio_list)) + (args.reps if hetero else 0)
     progress = Progress(n_launches)
@@ -669,21 +669,25 @@ def main(argv: list[str] | None = None) -> int:
             hosts.down()
             if quota is not None:
                 quota.remove()
-    wall = time.time() - started
-    result = {
-        "command": " ".join(shlex.quote(a) for a in ["python", "benchmarks/run.py", *(argv or sys.argv[1:])]),
-        "wall_s": wall, "machine": {**machine_info(), "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
-        "calibration": calibrations,
-        "settings": {k: v for k, v in vars(args).items()},
-        "runs": runs,
-    }
     from benchmarks.report import add_derived, write_report
 
-    add_derived(result)
+    return save_result({"calibration": calibrations, "runs": runs}, args, argv, started, load_start, add_derived,
+                       write_report)
+
+
+def save_result(result: dict[str, Any], args: argparse.Namespace, argv: list[str] | None, started: float,
+                load_start: tuple[float, float, float], derive: Any, report: Any) -> int:
+    """Add the command, wall-clock, machine and settings to ``result``, derive, write ``--out`` and the report."""
+    wall = time.time() - started
+    result.update(command=" ".join(shlex.quote(a) for a in ["python", "benchmarks/run.py", *(argv or sys.argv[1:])]),
+                  wall_s=wall, settings=dict(vars(args)),
+                  machine={**machine_info(), "loadavg_start": load_start, "loadavg_end": os.getloadavg()})
+    derive(result)
+    out_path = Path(args.out)
     out_path.write_text(json.dumps(result, indent=1) + "\n")
     print(f"results: {out_path} ({wall:.0f} s)", flush=True)
     if not args.no_report:
-        for path in write_report(result, out_path):
+        for path in report(result, out_path):
             print(f"report: {path}", flush=True)
     return 0
 

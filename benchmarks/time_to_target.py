@@ -22,14 +22,10 @@ median over seeds with min and max, unreached seeds counting as infinitely slow.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import random
-import shlex
 import statistics
-import sys
-import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -226,19 +222,12 @@ def write_report(result: dict[str, Any], json_path: Path) -> list[Path]:
     return [md, _plot(result, stem.with_name(stem.name + "_loss_time.png"))]
 
 
-def run_sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
+def run_sweep(args: argparse.Namespace, argv: list[str] | None, log_dir: Path) -> int:
     """Calibrate, then one launch per (seed, M/C): ZeRO-1 sets the target, the others chase it."""
     from benchmarks import run as sweep
     from tests.netns import FakeHosts
 
     rng = random.Random(args.seed)
-    out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    log_dir = Path(args.resume) if args.resume else Path(tempfile.mkdtemp(prefix="acco_ttt_"))
-    problem = sweep.check_resume(log_dir, args) if args.resume else sweep.write_run_identity(log_dir, args)
-    if problem:
-        print(problem, file=sys.stderr)
-        return 2
     pargs = sweep.preset_args(args, args.preset_list[0])
     ratios = [r for r in args.ratio_list if r > 0]
     progress = sweep.Progress(3 + len(args.seed_list) * len(ratios))
@@ -284,17 +273,6 @@ def run_sweep(args: argparse.Namespace, argv: list[str] | None) -> int:
                                      + f", step {run['step_time_s']:.3f} s, drain {run['eval_drain_s']:.1f} s")
         finally:
             hosts.down()
-    wall = time.time() - started
-    result = {"mode": "time_to_target",
-              "command": " ".join(shlex.quote(a) for a in ["python", "benchmarks/run.py", *(argv or sys.argv[1:])]),
-              "wall_s": wall,
-              "machine": {**sweep.machine_info(), "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
-              "calibration": {pargs.preset: calibration}, "settings": dict(vars(args)),
-              "eval_every_tokens": every, "runs": runs}
-    add_derived(result)
-    out_path.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"results: {out_path} ({wall:.0f} s)", flush=True)
-    if not args.no_report:
-        for path in write_report(result, out_path):
-            print(f"report: {path}", flush=True)
-    return 0
+    return sweep.save_result({"mode": "time_to_target", "calibration": {pargs.preset: calibration},
+                              "eval_every_tokens": every, "runs": runs}, args, argv, started, load_start,
+                             add_derived, write_report)
