@@ -1,0 +1,65 @@
+"""The documentation site stays in step with the code: the generated configuration reference is current,
+names every key of the ``acco`` block, and every page under ``docs/`` is reachable from ``mkdocs.yml``'s nav.
+
+In-process and fast (no engine, no process group). Run alone: ``python -m pytest -q tests/test_docs.py``.
+The strict site build itself (broken links and anchors) is ``mkdocs build --strict`` in ``.ci/run``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from deepspeed_acco.config import AccoConfig
+from deepspeed_acco.config_reference import REGENERATE, field_docstrings, render
+
+REPO = Path(__file__).resolve().parents[1]
+DOCS = REPO / "docs"
+PAGE = DOCS / "configuration.md"
+
+
+def test_configuration_reference_is_current() -> None:
+    """docs/configuration.md is exactly what the generator writes from the code."""
+    assert PAGE.is_file(), f"{PAGE} is missing; generate it with: {REGENERATE}"
+    if PAGE.read_text() != render():
+        pytest.fail(f"docs/configuration.md is stale (AccoConfig or a refusal changed); regenerate it with: "
+                    f"{REGENERATE}")
+
+
+def test_configuration_reference_names_every_key() -> None:
+    """Every key of AccoConfig has a heading, a table row and its docstring on the page."""
+    page = PAGE.read_text()
+    docs = field_docstrings()
+    for key in AccoConfig.model_fields:
+        assert f"### `{key}`" in page, f"acco.{key} has no section in docs/configuration.md; run: {REGENERATE}"
+        assert f"| [`{key}`](#{key}) |" in page, f"acco.{key} has no table row in docs/configuration.md"
+        assert key in docs and docs[key].strip(), f"acco.{key} has no docstring in deepspeed_acco/config.py"
+
+
+def _nav_pages(nav: Any) -> set[str]:
+    """Every page path in an mkdocs nav (a list of strings and one-key mappings, nested)."""
+    pages: set[str] = set()
+    if isinstance(nav, str):
+        pages.add(nav)
+    elif isinstance(nav, list):
+        for item in nav:
+            pages |= _nav_pages(item)
+    elif isinstance(nav, dict):
+        for value in nav.values():
+            pages |= _nav_pages(value)
+    return pages
+
+
+def test_every_page_is_in_nav() -> None:
+    """No page under docs/ is orphaned, and nav names no page that does not exist."""
+    config = yaml.safe_load((REPO / "mkdocs.yml").read_text())
+    nav = {page for page in _nav_pages(config["nav"]) if not page.startswith(("http://", "https://"))}
+    on_disk = set()
+    for root, _, files in os.walk(DOCS, followlinks=True):  # docs/results links to benchmarks/results
+        on_disk |= {(Path(root) / name).relative_to(DOCS).as_posix() for name in files if name.endswith(".md")}
+    assert not on_disk - nav, f"pages not in mkdocs.yml's nav: {sorted(on_disk - nav)}"
+    assert not nav - on_disk, f"nav entries with no page under docs/: {sorted(nav - on_disk)}"
