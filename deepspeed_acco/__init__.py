@@ -23,7 +23,7 @@ from deepspeed_acco.optimizer import AccoNonFiniteGradients, AccoZeroOptimizer
 from deepspeed_acco.pipeline import AccoRoundError, AccoRoundTimeout
 from deepspeed_acco.signals import AccoTerminated
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "AccoConfig",
