@@ -3,12 +3,14 @@
     python -m deepspeed_acco.plan --params 1.3e9 --world_size 32 --ranks_per_node 8 --link_gbit 100 \\
         --tokens_per_rank_per_step 65536 --flops 3e14
     python -m deepspeed_acco.plan --compute_s 1.9 --round_s 1.2 --world_size 32 --tokens_per_rank_per_step 65536
+    python -m deepspeed_acco.plan --metrics runs/acco/metrics.jsonl --ranks_per_node 8
     python -m deepspeed_acco.plan --table          # the table of typical clusters in docs/when-it-helps.md
 
 Two numbers decide it. ``C``: one rank's compute for one optimizer step (forward and backward of
 ``gradient_accumulation_steps`` micro-batches). ``M``: one ZeRO-1 round (reduce-scatter of the
 gradients, the sharded optimizer step, all-gather of the parameters). Either measure them in a short
-run (an ACCO run's per-step metrics hold ``compute_s`` and ``commit_round_s``) or let the planner
+run (an ACCO run's per-step metrics hold ``compute_s`` and ``commit_round_s``: ``--metrics`` reads
+them from ``examples/train_lm.py``'s ``metrics.jsonl`` or any JSON lines of ``StepMetrics``) or let the planner
 estimate them: ``C = 6 x parameters x tokens / achieved FLOP/s`` and ``M`` from the bytes a ring
 reduce-scatter and all-gather move through each node's link.
 
@@ -32,9 +34,12 @@ checks: ``benchmarks/plan_check.py`` compares the prediction with every cell of 
 from __future__ import annotations
 
 import argparse
+import json
 import math
+import statistics
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 __all__ = ["METHODS", "Cluster", "Timing", "Prediction", "half_step_s", "step_time_s", "timing_from_cluster",
            "int8_estimate_fraction", "predict", "recommend", "main"]
@@ -207,6 +212,33 @@ def recommend(predictions: list[Prediction]) -> tuple[str, str]:
                          f"{zero1 / int8:.2f}x ZeRO-1's step rate (plain ACCO {zero1 / acco:.2f}x)")
 
 
+def read_metrics(path: Path, skip: int = 2) -> dict[str, float]:
+    """Medians of C, M (and the estimate round) per step from JSON lines of ACCO step metrics.
+
+    Lines without ``compute_s`` (evaluation rows, ZeRO-1 runs) and the first ``skip`` steps (warm-up)
+    are left out. Also returns the world size and micro-batches per rank per step the lines show, and
+    tokens per rank per step where the lines carry cumulative ``tokens``.
+    """
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("compute_s") is not None and r.get("commit_round_s") is not None]
+    if not rows:
+        raise ValueError(f"{path}: no line with compute_s and commit_round_s (metrics of a run with acco.enabled)")
+    kept = rows[skip:] or rows
+    out = {"compute_s": statistics.median(r["compute_s"] for r in kept),
+           "round_s": statistics.median(r["commit_round_s"] for r in kept)}
+    estimates = [r["estimate_round_s"] for r in kept if r.get("estimate_round_s") is not None]
+    if estimates:
+        out["estimate_round_s"] = statistics.median(estimates)
+    per_rank = kept[-1].get("micro_batches_per_rank")
+    if per_rank:
+        out["world_size"] = len(per_rank)
+        out["ga"] = statistics.median(statistics.mean(r["micro_batches_per_rank"]) for r in kept)
+    tokens = [r["tokens"] for r in rows if r.get("tokens") is not None]
+    if len(tokens) >= 2 and per_rank:
+        out["tokens_per_rank_per_step"] = (tokens[-1] - tokens[0]) / (len(tokens) - 1) / len(per_rank)
+    return out
+
+
 def _fmt_s(x: float) -> str:
     return f"{x:.3g}"
 
@@ -236,27 +268,31 @@ def report(timing: Timing, world_size: int, tokens_per_rank_per_step: float, hea
     return "\n".join(lines)
 
 
-# Typical clusters for the docs table: (GPUs, GPUs per node, Gbit/s per node, parameters).
-TABLE_CLUSTERS = [(8, 1, 10, 125e6), (8, 1, 10, 1.3e9), (16, 8, 25, 125e6), (16, 8, 25, 1.3e9), (16, 8, 100, 1.3e9),
-                  (32, 8, 100, 1.3e9), (32, 8, 100, 7e9), (64, 8, 100, 7e9), (64, 8, 400, 7e9), (64, 8, 400, 1.3e9)]
-TABLE_TOKENS = 4 * 2048 * 8
+# Typical clusters for the docs table: (GPUs, GPUs per node, Gbit/s per node, parameters). The global batch
+# grows with the model as in the GPT-3 paper's table (0.5M tokens at 125M parameters, 1M at 1.3B, 2M at
+# 6.7B); each rank computes its share. Achieved FLOP/s: 3e14 per GPU (an H100 at about a third of its
+# bf16 peak).
+TABLE_CLUSTERS = [(8, 1, 10, 125e6), (8, 8, 10, 125e6), (16, 8, 25, 1.3e9), (16, 2, 25, 1.3e9),
+                  (32, 8, 100, 1.3e9), (64, 8, 100, 1.3e9), (32, 8, 100, 7e9), (64, 8, 100, 7e9),
+                  (64, 8, 400, 7e9), (64, 8, 400, 1.3e9)]
+TABLE_BATCH_TOKENS = {125e6: 2**19, 1.3e9: 2**20, 7e9: 2**21}
 TABLE_FLOPS = 3e14
 
 
 def table() -> str:
     """A Markdown table of predictions for a few typical clusters (the docs' "When it helps")."""
-    head = ("| GPUs (per node) | link Gbit/s | parameters | C (s) | M (s) | M/C | ACCO | ACCO int8 | use |\n"
-            "|---|---|---|---|---|---|---|---|---|")
-    rows = [head]
+    rows = ["| GPUs (per node) | link Gbit/s | parameters | tokens per rank per step | C (s) | M (s) | M/C "
+            "| ACCO | ACCO int8 | use |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
     for gpus, per_node, gbit, params in TABLE_CLUSTERS:
-        cluster = Cluster(params, gpus, per_node, gbit, TABLE_TOKENS, TABLE_FLOPS)
-        timing = timing_from_cluster(cluster)
+        tokens = TABLE_BATCH_TOKENS[params] // gpus
+        timing = timing_from_cluster(Cluster(params, gpus, per_node, gbit, tokens, TABLE_FLOPS))
         preds = {p.method: p for p in predict(timing)}
         z = preds["zero1"].step_s
-        rows.append(f"| {gpus} ({per_node}) | {gbit:g} | {params / 1e9:g}B | {timing.compute_s:.2f} | "
-                    f"{timing.round_s:.2f} | {timing.round_s / timing.compute_s:.2f} | "
-                    f"{z / preds['acco'].step_s:.2f}x | {z / preds['acco_int8'].step_s:.2f}x | "
-                    f"{LABELS[recommend(list(preds.values()))[0]]} |")
+        ratio = f"{timing.round_s / timing.compute_s:.2f}" if timing.round_s else "0 (one node)"
+        rows.append(f"| {gpus} ({per_node}) | {gbit:g} | {params / 1e9:g}B | {tokens:,} | {timing.compute_s:.2f} | "
+                    f"{timing.round_s:.2f} | {ratio} | {z / preds['acco'].step_s:.2f}x | "
+                    f"{z / preds['acco_int8'].step_s:.2f}x | {LABELS[recommend(list(preds.values()))[0]]} |")
     return "\n".join(rows)
 
 
@@ -269,12 +305,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--link_gbit", type=float, help="each node's link, Gbit/s")
     p.add_argument("--tokens_per_rank_per_step", type=int, help="micro-batch x seq len x accumulation steps")
     p.add_argument("--flops", type=float, help="achieved FLOP/s per rank on this model, e.g. 3e14")
-    p.add_argument("--ga", type=int, default=8, help="gradient_accumulation_steps (default 8)")
+    p.add_argument("--ga", type=int, help="gradient_accumulation_steps (default 8, or what --metrics shows)")
     p.add_argument("--comm_bytes", type=int, default=2, choices=(2, 4), help="bytes per value sent (default 2)")
     p.add_argument("--link_efficiency", type=float, default=0.8, help="share of the link reached (default 0.8)")
     p.add_argument("--compute_s", type=float, help="measured C: compute per step, seconds")
     p.add_argument("--round_s", type=float, help="measured M: one full-precision round, seconds")
     p.add_argument("--estimate_round_s", type=float, help="measured int8 estimate round (default: M scaled by bytes)")
+    p.add_argument("--metrics", type=Path, help="metrics.jsonl of a short ACCO run (examples/train_lm.py): "
+                   "C, M, world size and tokens from it; flags given too take precedence")
     p.add_argument("--table", action="store_true", help="print the docs' table of typical clusters")
     return p
 
@@ -286,6 +324,18 @@ def main(argv: list[str] | None = None) -> int:
     if a.table:
         print(table())
         return 0
+    if a.metrics is not None:
+        try:
+            found = read_metrics(a.metrics)
+        except (OSError, ValueError) as err:
+            parser.error(f"--metrics: {err}")
+        for key, value in found.items():
+            if key == "estimate_round_s":
+                continue  # an uncompressed run's estimate round is a full round: scaled by bytes below
+            if getattr(a, key) is None:
+                setattr(a, key, int(round(value)) if key in ("world_size", "ga", "tokens_per_rank_per_step")
+                        else value)
+    a.ga = a.ga or 8
     missing = [k for k in ("world_size", "tokens_per_rank_per_step") if getattr(a, k) is None]
     measured = a.compute_s is not None or a.round_s is not None
     if measured:

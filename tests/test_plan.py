@@ -66,7 +66,7 @@ def test_recommendation() -> None:
     assert recommend(predict(Timing(2.0, 4.0, 4.0, 8)))[0] == "zero1"
 
 
-def test_command_line() -> None:
+def test_command_line(tmp_path: Path) -> None:
     """Both input modes print every method and a recommendation; a missing input names the flags."""
     run = [sys.executable, "-m", "deepspeed_acco.plan"]
     out = subprocess.run(run + ["--params", "1.3e9", "--world_size", "32", "--link_gbit", "100",
@@ -80,6 +80,17 @@ def test_command_line() -> None:
                                      "--tokens_per_rank_per_step", "4096"],
                               cwd=REPO, capture_output=True, text=True, timeout=60)
     assert measured.returncode == 0 and "use: ACCO, int8 estimate" in measured.stdout, measured.stdout
+    # --metrics: C and M are the medians over the steps after the first two (warm-up), world size and
+    # tokens per rank per step from the lines themselves (an examples/train_lm.py metrics.jsonl).
+    lines = [{"step": s, "tokens": 8192 * s, "compute_s": c, "commit_round_s": m, "estimate_round_s": m,
+              "micro_batches_per_rank": [4, 4]} for s, c, m in
+             [(1, 9.0, 9.0), (2, 9.0, 9.0), (3, 1.0, 0.3), (4, 1.2, 0.4), (5, 1.1, 0.5)]]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(json.dumps(x) for x in lines) + "\n" + json.dumps({"step": 5, "eval_loss": 3.0}))
+    from_file = subprocess.run(run + ["--metrics", str(metrics), "--ranks_per_node", "1"],
+                               cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert from_file.returncode == 0, from_file.stderr
+    assert "measured: C 1.1 s, M 0.4 s; 2 ranks, 4,096 tokens per rank per step" in from_file.stdout, from_file.stdout
     bad = subprocess.run(run + ["--world_size", "8"], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--tokens_per_rank_per_step" in bad.stderr and "--params" in bad.stderr
 
