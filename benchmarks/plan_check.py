@@ -54,18 +54,22 @@ def _zero1_timing(run: dict[str, Any], twin: dict[str, Any]) -> Timing:
 
 def check(result: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per run: measured and predicted step time, relative errors."""
-    twins = {(r["rep"], r.get("preset"), r["heterogeneous"], r["target_ratio"]): r
-             for r in result["runs"] if r["case"] == "zero1"}
+    def key(r: dict[str, Any]) -> tuple[Any, ...]:
+        return r["rep"], r.get("seed"), r.get("preset"), r["heterogeneous"], r["target_ratio"]
+
+    twins = {key(r): r for r in result["runs"] if r["case"] == "zero1"}
     rows = []
     for run in result["runs"]:
-        method = run["case"]
+        # --time_to_target's "acco_adaptive_sqrt" is adaptive accumulation with another LR: the same schedule
+        method = "acco_adaptive" if run["case"].startswith("acco_adaptive") else run["case"]
         if method not in METHODS:
             continue
         measured = run["step_time_s"]
         own = step_time_s(method, _own_timing(run))[0]
-        twin = twins.get((run["rep"], run.get("preset"), run["heterogeneous"], run["target_ratio"]))
+        twin = twins.get(key(run))
         from_zero1 = step_time_s(method, _zero1_timing(run, twin))[0] if twin else None
-        rows.append({"method": method, "preset": run.get("preset", "tiny"), "target_ratio": run["target_ratio"],
+        rows.append({"method": method, "case": run["case"], "preset": run.get("preset", "tiny"),
+                     "target_ratio": run["target_ratio"], "seed": run.get("seed"),
                      "heterogeneous": run["heterogeneous"], "rep": run["rep"], "measured_s": measured,
                      "predicted_s": own, "error": own / measured - 1.0,
                      "predicted_from_zero1_s": from_zero1,
@@ -111,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         from_zero1 = f"{wz['error_from_zero1']:+.1%}" if wz else "-"
         print(f"{method:>14} {w['error']:>+8.1%} {statistics.median(errs):>8.1%}   "
               f"{from_zero1:>20}  {w['preset']} M/C {w['target_ratio']:g} "
-              f"rep {w['rep']}")
+              f"rep {w['rep']}" + (f" seed {w['seed']}" if w["seed"] is not None else ""))
     bad = [r for r in rows if abs(r["error"]) > a.tolerance]
     if bad:
         print(f"FAIL: {len(bad)} cells off by more than {a.tolerance:.0%}")

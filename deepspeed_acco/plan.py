@@ -207,7 +207,7 @@ def recommend(predictions: list[Prediction]) -> tuple[str, str]:
         return "zero1", (f"ACCO is not predicted {MIN_GAIN:.2f}x faster (ZeRO-1 {zero1:.3g} s, ACCO {acco:.3g} s, "
                          f"int8 estimate {int8:.3g} s per step): the link is fast enough for ZeRO-1")
     if acco < MIN_GAIN * int8:
-        return "acco", f"ACCO hides the rounds: {zero1 / acco:.2f}x ZeRO-1's step rate"
+        return "acco", f"ACCO overlaps the rounds with compute: {zero1 / acco:.2f}x ZeRO-1's step rate"
     return "acco_int8", (f"the rounds are longer than half a step; the int8 estimate shortens one of them: "
                          f"{zero1 / int8:.2f}x ZeRO-1's step rate (plain ACCO {zero1 / acco:.2f}x)")
 
