@@ -75,7 +75,10 @@ def test_command_line(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     for label in ("ZeRO-1", "ACCO", "ACCO, int8 estimate", "ACCO, adaptive", "DPU", "use: ", "M/C"):
         assert label in out.stdout, out.stdout
-    assert "deepspeed" not in out.stderr.lower(), "the planner must not import DeepSpeed"
+    imported = subprocess.run([sys.executable, "-c", "import sys, deepspeed_acco.plan; "
+                               "print(sorted({'torch', 'deepspeed'} & set(sys.modules)))"],
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert imported.stdout.strip() == "[]", "the planner must start without torch and DeepSpeed: " + imported.stdout
     measured = subprocess.run(run + ["--compute_s", "1.5", "--round_s", "2.5", "--world_size", "2",
                                      "--tokens_per_rank_per_step", "4096"],
                               cwd=REPO, capture_output=True, text=True, timeout=60)
