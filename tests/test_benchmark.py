@@ -1,7 +1,8 @@
 """The benchmark harness end to end: ``benchmarks/run.py --smoke`` on two fake hosts over a shaped link.
 
 Localizes: benchmarks/run.py (calibration, shaping, launches, the heterogeneous CPU quota),
-benchmarks/worker.py (every method trains and reports), benchmarks/report.py (table and plots).
+benchmarks/worker.py (every method trains and reports), benchmarks/report.py (table and plots),
+deepspeed_acco/plan.py (its step-time prediction from each cell's measured C and M, within 15 %).
 It checks the output schema the README documents, not speed: timings on a shared 2-core machine
 are the benchmark's business (``--quick``), not a test's. About 2 minutes; needs root for the
 network namespaces, skipped with the reason otherwise (and required under ``.ci/run`` as root).
@@ -19,6 +20,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from benchmarks.plan_check import check
 
 REPO = Path(__file__).resolve().parent.parent
 RUN_FIELDS = ("method", "bandwidth_mbit", "adaptive_accumulation", "heterogeneous", "step_time_s", "compute_s",
@@ -68,6 +71,10 @@ def test_smoke_benchmark_writes_documented_schema(tmp_path: Path) -> None:
     for png in sorted(tmp_path.glob("*.png")):
         assert png.read_bytes()[:8] == PNG_MAGIC
     assert len(list(tmp_path.glob("*.png"))) >= 3 and list(tmp_path.glob("*.md")), sorted(tmp_path.iterdir())
+    # The planner (deepspeed_acco/plan.py) predicts each cell's step time from the cell's measured C and M.
+    off = [(r["method"], r["heterogeneous"], r["measured_s"], r["predicted_s"]) for r in check(result)
+           if abs(r["error"]) > 0.15]
+    assert not off, f"planner off by more than 15 %: {off}"
 
     # --resume: every launch of that run finished, so a continuation reads them all back and runs none.
     log_dir = next(line.split("logs: ", 1)[1].strip() for line in output.splitlines() if line.startswith("logs: "))

@@ -1,0 +1,370 @@
+"""Will ACCO help my cluster? Predicted step time and tokens/s of each method, from C and M.
+
+    python -m deepspeed_acco.plan --params 1.3e9 --world_size 32 --ranks_per_node 8 --link_gbit 100 \\
+        --tokens_per_rank_per_step 65536 --flops 3e14
+    python -m deepspeed_acco.plan --compute_s 1.9 --round_s 1.2 --world_size 32 --tokens_per_rank_per_step 65536
+    python -m deepspeed_acco.plan --metrics runs/acco/metrics.jsonl --ranks_per_node 8
+    python -m deepspeed_acco.plan --table          # the table of typical clusters in docs/when-it-helps.md
+
+Two numbers decide it. ``C``: one rank's compute for one optimizer step (forward and backward of
+``gradient_accumulation_steps`` micro-batches). ``M``: one ZeRO-1 round (reduce-scatter of the
+gradients, the sharded optimizer step, all-gather of the parameters). Either measure them in a short
+run (an ACCO run's per-step metrics hold ``compute_s`` and ``commit_round_s``: ``--metrics`` reads
+them from ``examples/train_lm.py``'s ``metrics.jsonl`` or any JSON lines of ``StepMetrics``) or let the planner
+estimate them: ``C = 6 x parameters x tokens / achieved FLOP/s`` and ``M`` from the bytes a ring
+reduce-scatter and all-gather move through each node's link.
+
+How each method composes them (the schedule in ``acco-algorithm.md``; each ACCO half-step computes
+``C/2`` while the round launched at its start runs):
+
+- ZeRO-1: ``C + M``, nothing overlaps.
+- ACCO: ``max(C/2, M) + max(C/2, M)``: two rounds per step, each behind half a step of compute.
+- ACCO, int8 estimate: ``max(C/2, M_est) + max(C/2, M)``: the compressed estimate round behind the
+  commit half, the exact commit round behind the next estimate half.
+- ACCO, adaptive: each half computes ``n`` micro-batches, ``n`` = enough to cover the round in flight,
+  between ``gradient_accumulation_steps / 2`` and the cap; a step then carries more tokens.
+- DPU: ``max(C, M)``: one round per step, gradients one step stale.
+
+The model assumes identical ranks, a ring over the nodes (each node's link carries ``(W-1)/W`` of the
+buffer per collective) and no compute slowdown while a round runs. Where the round's own work shares a
+core with compute (the CPU bed of ``benchmarks/run.py``), feed ``C`` as measured under ACCO. The
+checks: ``benchmarks/plan_check.py`` compares the prediction with every cell of a benchmark run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["METHODS", "Cluster", "Timing", "Prediction", "half_step_s", "step_time_s", "timing_from_cluster",
+           "int8_estimate_fraction", "predict", "recommend", "main"]
+
+METHODS = ("zero1", "acco", "acco_int8", "acco_adaptive", "dpu")
+LABELS = {"zero1": "ZeRO-1", "acco": "ACCO", "acco_int8": "ACCO, int8 estimate", "acco_adaptive": "ACCO, adaptive",
+          "dpu": "DPU (stale gradients)"}
+# A switch is recommended only when it is predicted this much faster: below it, the model's error and
+# the round's fixed costs decide, not the link.
+MIN_GAIN = 1.05
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """What a user knows about the job and the cluster."""
+
+    params: float
+    """Trainable parameters."""
+    world_size: int
+    """Data-parallel ranks (GPUs)."""
+    ranks_per_node: int
+    """Ranks sharing one node's link."""
+    link_gbit: float
+    """Each node's link to the others, Gbit/s."""
+    tokens_per_rank_per_step: int
+    """Tokens one rank computes per optimizer step (micro-batch x sequence length x accumulation steps)."""
+    flops: float
+    """Achieved FLOP/s of one rank on this model (not the peak)."""
+    comm_bytes: int = 2
+    """Bytes per value sent in a round: 2 (bf16/fp16), 4 (fp32)."""
+    link_efficiency: float = 0.8
+    """Share of the link's rate the collectives reach."""
+    compression_block_size: int = 256
+    """``acco.compression_block_size``: one fp32 scale per block of int8 values."""
+
+
+@dataclass(frozen=True)
+class Timing:
+    """C and M: measured, or estimated by ``timing_from_cluster``."""
+
+    compute_s: float
+    """C: one rank's compute for one optimizer step at ``micro_batches`` micro-batches."""
+    round_s: float
+    """M: one full-precision round (reduce-scatter, sharded step, all-gather)."""
+    estimate_round_s: float
+    """M_est: the round with the int8 estimate (compressed reduce-scatter and all-gather)."""
+    micro_batches: int = 8
+    """``gradient_accumulation_steps`` (micro-batches per rank per step)."""
+    max_micro_batches_per_round: int | None = None
+    """``acco.max_micro_batches_per_round`` (default 4 x ``micro_batches / 2``)."""
+    slowest_factor: float = 1.0
+    """Ranks of two speeds, half of each (mixed GPU generations): the slow ranks' micro-batch time over
+    the fast ones'. Every method but adaptive accumulation waits for the slow ranks' ``micro_batches``."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """One method's predicted step."""
+
+    method: str
+    step_s: float
+    micro_batches_per_step: float
+    """Micro-batches per rank per step (more than nominal only with adaptive accumulation)."""
+
+    def tokens_per_s(self, world_size: int, tokens_per_micro_batch: float) -> float:
+        """Tokens all ranks process per second."""
+        return world_size * self.micro_batches_per_step * tokens_per_micro_batch / self.step_s
+
+
+def half_step_s(compute_half_s: float, round_s: float, micro_batch_s: float | None = None,
+                cap: int | None = None) -> tuple[float, float]:
+    """Seconds and micro-batches of one half-step whose round in flight takes ``round_s``.
+
+    Without ``micro_batch_s`` the half computes its nominal micro-batches and waits for the round.
+    With it (adaptive accumulation), the half keeps adding micro-batches of ``micro_batch_s`` each until
+    the round has finished or the cap is reached.
+    """
+    if micro_batch_s is None or micro_batch_s <= 0:
+        return max(compute_half_s, round_s), 0.0
+    nominal = compute_half_s / micro_batch_s
+    wanted = max(nominal, math.ceil(round_s / micro_batch_s - 1e-9))
+    n = min(float(cap) if cap is not None else wanted, wanted)
+    return max(n * micro_batch_s, round_s), n
+
+
+def step_time_s(method: str, timing: Timing) -> tuple[float, float]:
+    """Predicted (step seconds, mean micro-batches per rank per step) of ``method`` under ``timing``.
+
+    With ``slowest_factor`` above 1 the slow ranks set every boundary: their compute replaces C. Under
+    adaptive accumulation the slow ranks compute their minimum (or cover the round) and the fast ones
+    add micro-batches until the boundary.
+    """
+    ga, m = timing.micro_batches, timing.round_s
+    c = timing.compute_s * timing.slowest_factor
+    if method == "zero1":
+        return c + m, ga
+    if method == "dpu":
+        return max(c, m), ga
+    if method == "acco":
+        return half_step_s(c / 2, m)[0] + half_step_s(c / 2, m)[0], ga
+    if method == "acco_int8":
+        return half_step_s(c / 2, timing.estimate_round_s)[0] + half_step_s(c / 2, m)[0], ga
+    if method == "acco_adaptive":
+        cap = timing.max_micro_batches_per_round or 4 * max(1, ga // 2)
+        t_slow = c / ga
+        step, micro = 0.0, 0.0
+        for round_s in (m, m):
+            half, n_slow = half_step_s(c / 2, round_s, t_slow, cap)
+            if timing.slowest_factor > 1.0:  # the fast half of the ranks fill the half-step the slow half sets
+                t = timing.compute_s / ga
+                n_fast = min(cap, max(ga / 2, math.floor(half / t + 1e-9)))
+                n_slow = (n_slow + n_fast) / 2
+            step += half
+            micro += n_slow
+        return step, micro
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def int8_estimate_fraction(world_size: int, ranks_per_node: int, comm_bytes: int, block: int = 256) -> float:
+    """Bytes through a node's link of the int8 estimate round over those of a full-precision round.
+
+    Full round: a ring reduce-scatter and a ring all-gather, ``(W-1)/W`` of the buffer each through a
+    node's link. Int8 round: the reduce-scatter becomes an all-to-all (every rank sends each other rank
+    its chunk, so a node's link carries ``g (W-g) / W`` of the buffer for its ``g`` ranks), the all-gather
+    a ring of int8 values; both with one fp32 scale per block.
+    """
+    w, g = world_size, min(ranks_per_node, world_size)
+    if w <= 1:
+        return 1.0
+    per_value = 1.0 + 4.0 / block
+    full = 2 * (w - 1) / w * comm_bytes
+    int8 = (g * (w - g) / w + (w - 1) / w) * per_value
+    return int8 / full
+
+
+def timing_from_cluster(cluster: Cluster, micro_batches: int = 8) -> Timing:
+    """Estimate C from FLOP/s and M from bytes over the link (see the module docstring)."""
+    w = cluster.world_size
+    compute = 6.0 * cluster.params * cluster.tokens_per_rank_per_step / cluster.flops
+    link_bytes_s = cluster.link_gbit * 1e9 / 8 * cluster.link_efficiency
+    if w <= cluster.ranks_per_node:
+        round_s = 0.0  # one node: no inter-node link in the round (NVLink / PCIe is not modelled)
+    else:
+        round_s = 2 * (w - 1) / w * cluster.params * cluster.comm_bytes / link_bytes_s
+    fraction = int8_estimate_fraction(w, cluster.ranks_per_node, cluster.comm_bytes, cluster.compression_block_size)
+    return Timing(compute, round_s, round_s * fraction, micro_batches)
+
+
+def predict(timing: Timing) -> list[Prediction]:
+    """Every method's predicted step, in ``METHODS`` order."""
+    return [Prediction(m, *step_time_s(m, timing)) for m in METHODS]
+
+
+def recommend(predictions: list[Prediction]) -> tuple[str, str]:
+    """The method to use, and why, from the predicted steps.
+
+    ZeRO-1 unless ACCO is predicted at least ``MIN_GAIN`` faster; the int8 estimate only when it beats
+    plain ACCO by as much. DPU is never recommended (its gradients are a step stale), nor adaptive
+    accumulation for identical ranks (it raises tokens per step, not progress per second; it pays off
+    when ranks differ in speed).
+    """
+    by = {p.method: p for p in predictions}
+    zero1, acco, int8 = by["zero1"].step_s, by["acco"].step_s, by["acco_int8"].step_s
+    if zero1 < MIN_GAIN * min(acco, int8):
+        return "zero1", (f"ACCO is not predicted {MIN_GAIN:.2f}x faster (ZeRO-1 {zero1:.3g} s, ACCO {acco:.3g} s, "
+                         f"int8 estimate {int8:.3g} s per step): the link is fast enough for ZeRO-1")
+    if acco < MIN_GAIN * int8:
+        return "acco", f"ACCO overlaps the rounds with compute: {zero1 / acco:.2f}x ZeRO-1's step rate"
+    return "acco_int8", (f"the rounds are longer than half a step; the int8 estimate shortens one of them: "
+                         f"{zero1 / int8:.2f}x ZeRO-1's step rate (plain ACCO {zero1 / acco:.2f}x)")
+
+
+def read_metrics(path: Path, skip: int = 2) -> dict[str, float]:
+    """Medians of C, M (and the estimate round) per step from JSON lines of ACCO step metrics.
+
+    Lines without ``compute_s`` (evaluation rows, ZeRO-1 runs) and the first ``skip`` steps (warm-up)
+    are left out. Also returns the world size and micro-batches per rank per step the lines show, and
+    tokens per rank per step where the lines carry cumulative ``tokens``.
+    """
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("compute_s") is not None and r.get("commit_round_s") is not None]
+    if not rows:
+        raise ValueError(f"{path}: no line with compute_s and commit_round_s (metrics of a run with acco.enabled)")
+    kept = rows[skip:] or rows
+    out = {"compute_s": statistics.median(r["compute_s"] for r in kept),
+           "round_s": statistics.median(r["commit_round_s"] for r in kept)}
+    estimates = [r["estimate_round_s"] for r in kept if r.get("estimate_round_s") is not None]
+    if estimates:
+        out["estimate_round_s"] = statistics.median(estimates)
+    per_rank = kept[-1].get("micro_batches_per_rank")
+    if per_rank:
+        out["world_size"] = len(per_rank)
+        out["ga"] = statistics.median(statistics.mean(r["micro_batches_per_rank"]) for r in kept)
+    tokens = [r["tokens"] for r in rows if r.get("tokens") is not None]
+    if len(tokens) >= 2 and per_rank:
+        out["tokens_per_rank_per_step"] = (tokens[-1] - tokens[0]) / (len(tokens) - 1) / len(per_rank)
+    return out
+
+
+def _fmt_s(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def report(timing: Timing, world_size: int, tokens_per_rank_per_step: float, header: list[str]) -> str:
+    """The printed plan: C, M, M/C, a row per method and the recommendation."""
+    per_micro = tokens_per_rank_per_step / timing.micro_batches
+    preds = predict(timing)
+    zero1 = preds[0]
+    lines = header + [
+        f"C   compute per step      {_fmt_s(timing.compute_s)} s",
+        f"M   one round             {_fmt_s(timing.round_s)} s   (int8 estimate round: "
+        f"{_fmt_s(timing.estimate_round_s)} s)",
+        f"M/C                       {timing.round_s / timing.compute_s:.2f}   (ACCO hides the rounds below 0.5)",
+        "",
+        f"{'method':<24}{'step (s)':>10}{'tokens/s':>14}{'vs ZeRO-1':>11}",
+    ]
+    for p in preds:
+        tps = p.tokens_per_s(world_size, per_micro)
+        ratio = tps / zero1.tokens_per_s(world_size, per_micro)
+        note = "  (more tokens per step)" if p.micro_batches_per_step > timing.micro_batches + 1e-9 else ""
+        lines.append(f"{LABELS[p.method]:<24}{p.step_s:>10.3g}{tps:>14,.0f}{ratio:>10.2f}x{note}")
+    method, why = recommend(preds)
+    lines += ["", f"use: {LABELS[method]}: {why}.",
+              "These are predictions from the model in deepspeed_acco/plan.py, not measurements; "
+              "check them with benchmarks/run.py on two of your nodes."]
+    return "\n".join(lines)
+
+
+# Typical clusters for the docs table: (GPUs, GPUs per node, Gbit/s per node, parameters). The global batch
+# grows with the model as in the GPT-3 paper's table (0.5M tokens at 125M parameters, 1M at 1.3B, 2M at
+# 6.7B); each rank computes its share. Achieved FLOP/s: 3e14 per GPU (an H100 at about a third of its
+# bf16 peak).
+TABLE_CLUSTERS = [(8, 1, 10, 125e6), (8, 8, 10, 125e6), (16, 8, 25, 1.3e9), (16, 2, 25, 1.3e9),
+                  (32, 8, 100, 1.3e9), (64, 8, 100, 1.3e9), (32, 8, 100, 7e9), (64, 8, 100, 7e9),
+                  (64, 8, 400, 7e9), (64, 8, 400, 1.3e9)]
+TABLE_BATCH_TOKENS = {125e6: 2**19, 1.3e9: 2**20, 7e9: 2**21}
+TABLE_FLOPS = 3e14
+
+
+def table() -> str:
+    """A Markdown table of predictions for a few typical clusters (the docs' "When it helps")."""
+    rows = ["| GPUs (per node) | link Gbit/s | parameters | tokens per rank per step | C (s) | M (s) | M/C "
+            "| ACCO | ACCO int8 | use |",
+            "|---|---|---|---|---|---|---|---|---|---|"]
+    for gpus, per_node, gbit, params in TABLE_CLUSTERS:
+        tokens = TABLE_BATCH_TOKENS[params] // gpus
+        timing = timing_from_cluster(Cluster(params, gpus, per_node, gbit, tokens, TABLE_FLOPS))
+        preds = {p.method: p for p in predict(timing)}
+        z = preds["zero1"].step_s
+        ratio = f"{timing.round_s / timing.compute_s:.2f}" if timing.round_s else "0 (one node)"
+        rows.append(f"| {gpus} ({per_node}) | {gbit:g} | {params / 1e9:g}B | {tokens:,} | {timing.compute_s:.2f} | "
+                    f"{timing.round_s:.2f} | {ratio} | {z / preds['acco'].step_s:.2f}x | "
+                    f"{z / preds['acco_int8'].step_s:.2f}x | {LABELS[recommend(list(preds.values()))[0]]} |")
+    return "\n".join(rows)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m deepspeed_acco.plan", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--params", type=float, help="trainable parameters, e.g. 1.3e9")
+    p.add_argument("--world_size", type=int, help="data-parallel ranks (GPUs)")
+    p.add_argument("--ranks_per_node", type=int, default=8, help="ranks sharing a node's link (default 8)")
+    p.add_argument("--link_gbit", type=float, help="each node's link, Gbit/s")
+    p.add_argument("--tokens_per_rank_per_step", type=int, help="micro-batch x seq len x accumulation steps")
+    p.add_argument("--flops", type=float, help="achieved FLOP/s per rank on this model, e.g. 3e14")
+    p.add_argument("--ga", type=int, help="gradient_accumulation_steps (default 8, or what --metrics shows)")
+    p.add_argument("--comm_bytes", type=int, default=2, choices=(2, 4), help="bytes per value sent (default 2)")
+    p.add_argument("--link_efficiency", type=float, default=0.8, help="share of the link reached (default 0.8)")
+    p.add_argument("--compute_s", type=float, help="measured C: compute per step, seconds")
+    p.add_argument("--round_s", type=float, help="measured M: one full-precision round, seconds")
+    p.add_argument("--estimate_round_s", type=float, help="measured int8 estimate round (default: M scaled by bytes)")
+    p.add_argument("--metrics", type=Path, help="metrics.jsonl of a short ACCO run (examples/train_lm.py): "
+                   "C, M, world size and tokens from it; flags given too take precedence")
+    p.add_argument("--table", action="store_true", help="print the docs' table of typical clusters")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Command line: print the plan (or ``--table``). Exit 2 on missing inputs."""
+    parser = _parser()
+    a = parser.parse_args(argv)
+    if a.table:
+        print(table())
+        return 0
+    if a.metrics is not None:
+        try:
+            found = read_metrics(a.metrics)
+        except (OSError, ValueError) as err:
+            parser.error(f"--metrics: {err}")
+        for key, value in found.items():
+            if key == "estimate_round_s":
+                continue  # an uncompressed run's estimate round is a full round: scaled by bytes below
+            if getattr(a, key) is None:
+                setattr(a, key, int(round(value)) if key in ("world_size", "ga", "tokens_per_rank_per_step")
+                        else value)
+    a.ga = a.ga or 8
+    missing = [k for k in ("world_size", "tokens_per_rank_per_step") if getattr(a, k) is None]
+    measured = a.compute_s is not None or a.round_s is not None
+    if measured:
+        missing += [k for k in ("compute_s", "round_s") if getattr(a, k) is None]
+    else:
+        missing += [k for k in ("params", "link_gbit", "flops") if getattr(a, k) is None]
+    if missing:
+        parser.error("missing " + ", ".join(f"--{k}" for k in missing) + " (give --params, --link_gbit and --flops "
+                     "to estimate C and M, or --compute_s and --round_s measured in a short run)")
+    if measured:
+        est = a.estimate_round_s
+        if est is None:
+            est = a.round_s * int8_estimate_fraction(a.world_size, a.ranks_per_node, a.comm_bytes)
+        timing = Timing(a.compute_s, a.round_s, est, a.ga)
+        header = [f"measured: C {a.compute_s:g} s, M {a.round_s:g} s; {a.world_size} ranks, "
+                  f"{a.tokens_per_rank_per_step:,} tokens per rank per step"]
+    else:
+        cluster = Cluster(a.params, a.world_size, a.ranks_per_node, a.link_gbit, a.tokens_per_rank_per_step, a.flops,
+                          a.comm_bytes, a.link_efficiency)
+        timing = timing_from_cluster(cluster, a.ga)
+        nodes = math.ceil(a.world_size / a.ranks_per_node)
+        header = [f"estimated: {a.params:.3g} parameters, {a.world_size} ranks ({nodes} nodes x {a.ranks_per_node}), "
+                  f"{a.link_gbit:g} Gbit/s per node at {a.link_efficiency:.0%}, "
+                  f"{a.tokens_per_rank_per_step:,} tokens per rank per step, {a.flops:.3g} FLOP/s per rank"]
+        if a.world_size <= a.ranks_per_node:
+            header.append("all ranks on one node: the round never crosses a node link, ZeRO-1 is enough")
+    print(report(timing, a.world_size, a.tokens_per_rank_per_step, header))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,114 @@
+"""The planner (``deepspeed_acco/plan.py``): its formulas, the int8 estimate's bytes, the command line,
+the benchmark check (``benchmarks/plan_check.py``) on the committed results, and the docs' table.
+
+Fast: no DeepSpeed, no processes beyond the command-line runs. The check on a fresh benchmark run's
+output is in ``tests/test_benchmark.py`` (the smoke run).
+
+Run: ``python3 -m pytest -q tests/test_plan.py``.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.plan_check import check
+from deepspeed_acco.plan import Timing, int8_estimate_fraction, predict, recommend, step_time_s, table
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_schedule_formulas() -> None:
+    """ZeRO-1 adds M to C; ACCO hides two rounds of M behind C until M passes C/2; DPU one round."""
+    short, long = Timing(2.0, 0.6, 0.2, 8), Timing(2.0, 1.5, 0.5, 8)
+    assert step_time_s("zero1", short)[0] == pytest.approx(2.6)
+    assert step_time_s("acco", short)[0] == pytest.approx(2.0)
+    assert step_time_s("acco", long)[0] == pytest.approx(3.0)
+    assert step_time_s("acco_int8", long)[0] == pytest.approx(1.0 + 1.5)
+    assert step_time_s("dpu", long)[0] == pytest.approx(2.0)
+    # Adaptive: each half computes until the round in flight ends (whole micro-batches of 0.25 s), so it
+    # takes 6 instead of 4 micro-batches per half and the step carries 12, not 8.
+    step, micro = step_time_s("acco_adaptive", long)
+    assert step == pytest.approx(3.0) and micro == pytest.approx(12)
+    # The cap (4 x 4 = 16 per half by default) stops the filling; the half then waits for the round.
+    step, micro = step_time_s("acco_adaptive", Timing(2.0, 10.0, 10.0, 8))
+    assert step == pytest.approx(20.0) and micro == pytest.approx(32)
+
+
+def test_slow_ranks_set_the_pace_except_under_adaptive_accumulation() -> None:
+    """Half the ranks 3x slower: every boundary waits for them; adaptive lets the fast ones fill the wait."""
+    mixed = Timing(2.0, 2.0, 2.0, 8, slowest_factor=3.0)
+    assert step_time_s("zero1", mixed)[0] == pytest.approx(8.0)
+    assert step_time_s("acco", mixed)[0] == pytest.approx(6.0)
+    step, micro = step_time_s("acco_adaptive", mixed)
+    assert step == pytest.approx(6.0)
+    # slow ranks: 4 per half; fast ranks fill 3 s per half with 0.25 s micro-batches, up to the cap 16
+    assert micro == pytest.approx((4 + 12) / 2 * 2)
+
+
+def test_int8_estimate_bytes() -> None:
+    """One rank per node: a quarter of an fp32 round (plus scales); eight per node: the all-to-all costs
+    more than a bf16 ring reduce-scatter, so the "compressed" round moves more bytes."""
+    assert int8_estimate_fraction(2, 1, 4) == pytest.approx((0.5 + 0.5) * (1 + 4 / 256) / 4)
+    assert int8_estimate_fraction(64, 8, 2) > 1.0
+    assert int8_estimate_fraction(64, 1, 2) < 0.6
+
+
+def test_recommendation() -> None:
+    """ZeRO-1 on a fast link, ACCO when it hides the rounds, int8 when only it does; never DPU."""
+    assert recommend(predict(Timing(2.0, 0.05, 0.02, 8)))[0] == "zero1"
+    assert recommend(predict(Timing(2.0, 0.8, 0.8, 8)))[0] == "acco"
+    assert recommend(predict(Timing(2.0, 2.0, 0.5, 8)))[0] == "acco_int8"
+    assert recommend(predict(Timing(2.0, 4.0, 4.0, 8)))[0] == "zero1"
+
+
+def test_command_line(tmp_path: Path) -> None:
+    """Both input modes print every method and a recommendation; a missing input names the flags."""
+    run = [sys.executable, "-m", "deepspeed_acco.plan"]
+    out = subprocess.run(run + ["--params", "1.3e9", "--world_size", "32", "--link_gbit", "100",
+                                "--tokens_per_rank_per_step", "65536", "--flops", "3e14"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for label in ("ZeRO-1", "ACCO", "ACCO, int8 estimate", "ACCO, adaptive", "DPU", "use: ", "M/C"):
+        assert label in out.stdout, out.stdout
+    imported = subprocess.run([sys.executable, "-c", "import sys, deepspeed_acco.plan; "
+                               "print(sorted({'torch', 'deepspeed'} & set(sys.modules)))"],
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert imported.stdout.strip() == "[]", "the planner must start without torch and DeepSpeed: " + imported.stdout
+    measured = subprocess.run(run + ["--compute_s", "1.5", "--round_s", "2.5", "--world_size", "2",
+                                     "--tokens_per_rank_per_step", "4096"],
+                              cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert measured.returncode == 0 and "use: ACCO, int8 estimate" in measured.stdout, measured.stdout
+    # --metrics: C and M are the medians over the steps after the first two (warm-up), world size and
+    # tokens per rank per step from the lines themselves (an examples/train_lm.py metrics.jsonl).
+    lines = [{"step": s, "tokens": 8192 * s, "compute_s": c, "commit_round_s": m, "estimate_round_s": m,
+              "micro_batches_per_rank": [4, 4]} for s, c, m in
+             [(1, 9.0, 9.0), (2, 9.0, 9.0), (3, 1.0, 0.3), (4, 1.2, 0.4), (5, 1.1, 0.5)]]
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("\n".join(json.dumps(x) for x in lines) + "\n" + json.dumps({"step": 5, "eval_loss": 3.0}))
+    from_file = subprocess.run(run + ["--metrics", str(metrics), "--ranks_per_node", "1"],
+                               cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert from_file.returncode == 0, from_file.stderr
+    assert "measured: C 1.1 s, M 0.4 s; 2 ranks, 4,096 tokens per rank per step" in from_file.stdout, from_file.stdout
+    bad = subprocess.run(run + ["--world_size", "8"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--tokens_per_rank_per_step" in bad.stderr and "--params" in bad.stderr
+
+
+@pytest.mark.parametrize("name", ["quick.json", "time_to_target.json"])
+def test_prediction_within_15_percent_of_every_committed_benchmark_cell(name: str) -> None:
+    """The committed benchmark runs: every cell's step time within 15 % of the planner's prediction."""
+    rows = check(json.loads((REPO / "benchmarks" / "results" / name).read_text()))
+    assert len(rows) >= 30
+    off = [(r["method"], r["preset"], r["target_ratio"], r["rep"], round(r["error"], 3)) for r in rows
+           if abs(r["error"]) > 0.15]
+    assert not off, off
+
+
+def test_docs_table_is_current() -> None:
+    """docs/when-it-helps.md shows ``python -m deepspeed_acco.plan --table``'s output, verbatim."""
+    page = (REPO / "docs" / "when-it-helps.md").read_text()
+    assert table() in page, "docs/when-it-helps.md is stale: paste `python -m deepspeed_acco.plan --table` into it"
