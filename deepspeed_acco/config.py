@@ -77,9 +77,11 @@ class AccoConfig(DeepSpeedConfigModel):
     """``"int8"``: send the estimate round compressed, the commit exact (see ``acco-algorithm.md``,
     "Compressed estimate round with an exact commit"): block-wise int8 gradients in an all-to-all,
     summed in fp32 by their owner, the quantization residual added to the commit half's gradients,
-    and the estimate's all-gather as an int8 update from theta_t. About 1.25x ZeRO-1's bytes per
-    step instead of 2x; only where theta~ lands changes (by at most half a quantization step per
-    element). Mode ``"acco"`` only (dpu has no estimate round)."""
+    and the estimate's all-gather as an int8 update from theta_t. With one rank per node about 1.25x
+    ZeRO-1's bytes per step instead of 2x (1.17x measured by the benchmark); the all-to-all carries
+    more through a node's link the more ranks share it, so with 8 ranks per node it can cost more than
+    it saves (``python -m deepspeed_acco.plan`` says). Only where theta~ lands changes (by at most half
+    a quantization step per element). Mode ``"acco"`` only (dpu has no estimate round)."""
 
     compression_block_size: int = Field(256, ge=16, le=1 << 20)
     """Elements per int8 block (one fp32 scale each, ``4 / block`` bytes per element of overhead)."""
