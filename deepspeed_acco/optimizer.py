@@ -4,7 +4,10 @@ It keeps ZeRO-1's flattening and partitioning (flat bit16 groups that the model'
 view, an fp32 master shard per group whose optimizer state exists only on this rank) and
 replaces the synchronous boundary (reduce, step, all-gather) by rounds run in the background
 (see ``pipeline.py``). This module holds only the schedule: accumulate, decide a boundary, hand
-the buffer to the worker, swap parameters. It issues no collective itself.
+the buffer to the worker, swap parameters. The rounds' collectives are the worker's; the only one
+issued here is the all-reduce that aligns the ranks' halves when the caller ends a step under
+adaptive accumulation (``end_step_early``). What a checkpoint holds of the pipeline, and how a
+load restores it, is in ``pipeline_state.py``; ``state_dict``/``load_state_dict`` call it.
 
 Boundaries (counted in micro-batches on this rank, ``k = gradient_accumulation_steps / 2``):
 
@@ -19,7 +22,6 @@ Boundaries (counted in micro-batches on this rank, ``k = gradient_accumulation_s
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from collections.abc import Iterator
 from datetime import timedelta
@@ -31,22 +33,20 @@ from deepspeed import comm as dist
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from deepspeed.utils import logger
 
+from deepspeed_acco import pipeline_state
 from deepspeed_acco.config import AccoConfig
 from deepspeed_acco.metrics import MetricsLog, StepMetrics
 from deepspeed_acco.pipeline import (
     AccoCommWorker,
-    AccoRoundError,
     RoundHandle,
     RoundKind,
     RoundResult,
     RoundSpec,
     ShardedRound,
 )
+from deepspeed_acco.pipeline_state import ACCO_STATE_KEY
 
 __all__ = ["AccoNonFiniteGradients", "AccoZeroOptimizer", "ACCO_STATE_KEY"]
-
-ACCO_STATE_KEY = "acco"
-"""Key of ACCO's pipeline state in the ZeRO optimizer state dict (each rank's ``*_optim_states.pt``)."""
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 _HYPERPARAM_SKIP = ("params",)
@@ -149,10 +149,10 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         self._nonfinite_steps = 0  # committed steps skipped for NaN/Inf gradients
         self._nonfinite_in_a_row = 0
         self._nonfinite_last_step = 0
-        # Checkpoints (see the "checkpoints" section below).
+        # Committed weights (the "committed weights" section below) and checkpoints (pipeline_state.py).
         self._live_backup: list[torch.Tensor] | None = None
         self._committed_in_model = False
-        self._engine_micro_steps: int | None = None
+        self._engine_micro_steps: int | None = None  # set by AccoEngine.save_checkpoint around its save
         self.loaded_acco_state = False
         self.loaded_engine_micro_steps: int | None = None
 
@@ -453,7 +453,7 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
             self._acco_group = None
         super().destroy()
 
-    # ------------------------------------------------------------------ checkpoints
+    # ------------------------------------------------------------------ committed weights
     def drain(self) -> None:
         """Wait for the round in flight without consuming it; training is not disturbed.
 
@@ -540,95 +540,17 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
                 return src.narrow(0, start, tensor.numel()).view_as(tensor).clone()
         return None
 
-    def _carries_residual(self) -> bool:
-        """In a commit half: the estimate's buffer holds its quantization residual until the commit boundary."""
-        return self._mode == "acco" and self._next_kind is RoundKind.COMMIT and self._round._carried is not None
-
-    def _partition(self, flat: torch.Tensor) -> torch.Tensor:
-        size = flat.numel() // self._world
-        return flat.narrow(0, self._rank * size, size)
-
-    def _saved_partitions(self, flats: list[torch.Tensor]) -> list[torch.Tensor | None]:
-        """This rank's partition of each flat, or None where it equals the (saved) fp32 master cast to its dtype."""
-        out: list[torch.Tensor | None] = []
-        for flat, master in zip(flats, self.single_partition_of_fp32_groups):
-            part = self._partition(flat)
-            out.append(None if torch.equal(part, master.detach().to(part.dtype)) else part.detach().cpu().clone())
-        return out
-
-    def _acco_state(self) -> dict[str, Any]:
-        """ACCO's pipeline state on this rank (after ``drain``): enough to resume bit for bit.
-
-        Parameters are stored as this rank's 1/N partition (all-gathered again at load), and not at
-        all where they equal the fp32 master (the committed weights) cast to their dtype; the carried
-        estimate gradient is already a shard; the partial accumulation (only when saved between two
-        boundaries) is this rank's full flat accumulation buffer. Views are cloned: ``torch.save`` of a view
-        would write its whole storage.
-        """
-        live = self._live_backup or self.bit16_groups_flat
-        pending = None
-        if self._in_flight is not None:
-            handle = self._in_flight
-            result = handle.wait(self._timeout_s)
-            spec = handle.spec
-            pending = {
-                "spec": {"index": spec.index, "kind": spec.kind.value, "step": spec.step,
-                         "num_micro_batches": spec.num_micro_batches, "loss_scale": spec.loss_scale},
-                "result": {**{f.name: getattr(result, f.name) for f in dataclasses.fields(result)
-                              if f.name not in ("kind", "done_event")}, "kind": result.kind.value},
-                "shadow": self._saved_partitions(self._shadows),
-            }
-        carried = self._round._carried
-        return {
-            "format": 2,
-            "mode": self._mode,
-            "compression": self._round.compression,
-            "min_micro": self._min_micro,
-            "world_size": self._world,
-            "flat_numels": [flat.numel() for flat in self.bit16_groups_flat],
-            "step": self._step,
-            "round_index": self._round_index,
-            "micro": self._micro,
-            "step_micro": self._step_micro,
-            "commit_pending": self._commit_pending,
-            "next_kind": self._next_kind.value,
-            "nonfinite_steps": self._nonfinite_steps,
-            "nonfinite_in_a_row": self._nonfinite_in_a_row,
-            "live": self._saved_partitions(live),
-            "pending": pending,
-            "carried": [t.detach().cpu().clone() for t in carried] if carried is not None else None,
-            "carried_count": self._round._carried_count,
-            "accumulated": ([b.detach().cpu().clone() for b in self._buffers[self._compute_buffer]]
-                            if self._micro else None),
-            "residual": ([b.detach().cpu().clone() for b in self._buffers[self._compute_buffer ^ 1]]
-                         if self._compress and self._carries_residual() else None),
-            "estimate_loss_scale": self._estimate_loss_scale,
-            "open_metrics": [dataclasses.asdict(r) for r in self.metrics._open.values()],
-            "engine_micro_steps": self._engine_micro_steps,
-        }
-
+    # ------------------------------------------------------------------ checkpoints (the state: pipeline_state.py)
     def state_dict(self) -> dict[str, Any]:
         """ZeRO-1's state dict of the committed state, plus ACCO's pipeline state under ``"acco"``.
 
         Drains the round in flight first; does not disturb training (unlike ``flush``). DeepSpeed's
-        own loaders (plain ZeRO-1, ``zero_to_fp32``) ignore the extra key.
+        own loaders (plain ZeRO-1, ``zero_to_fp32``) ignore the extra key. What it holds: ``pipeline_state``.
         """
         self.drain()
         state = super().state_dict()
-        state[ACCO_STATE_KEY] = self._acco_state()
+        state[ACCO_STATE_KEY] = pipeline_state.save_pipeline_state(self)
         return state
-
-    def _discard_pipeline(self) -> None:
-        """Before a load: wait for the round in flight and forget everything in the pipeline."""
-        if self._in_flight is not None:
-            handle, self._in_flight = self._in_flight, None
-            try:
-                handle.wait(self._timeout_s)
-            except AccoRoundError as err:  # the load replaces the state the round was writing
-                logger.warning(f"ACCO load: discarding a failed round in flight: {err}")
-        self._restart_pipeline()
-        self.loaded_acco_state = False
-        self.loaded_engine_micro_steps = None
 
     def load_state_dict(self, state_dict_list: Any, load_optimizer_states: bool = True,
                         load_from_fp32_weights: bool = False, checkpoint_folder: Any = None,
@@ -639,115 +561,26 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         it, as ``engine.load_checkpoint`` does. Without ACCO state (a plain ZeRO-1 checkpoint, a
         universal checkpoint, another mode or GA) the pipeline restarts from the loaded parameters.
         """
-        self._discard_pipeline()
+        pipeline_state.discard_pipeline(self)
         super().load_state_dict(state_dict_list, load_optimizer_states=load_optimizer_states,
                                 load_from_fp32_weights=load_from_fp32_weights,
                                 checkpoint_folder=checkpoint_folder, load_serial=load_serial,
                                 param_shapes=param_shapes)
         own = state_dict_list[self._rank] if state_dict_list and not checkpoint_folder else None
         acco = own.get(ACCO_STATE_KEY) if isinstance(own, dict) and load_optimizer_states else None
-        reason = self._incompatible(acco)
-        if reason is None:
-            with torch.no_grad():
-                self._restore_acco_state(acco)
-        else:
-            if acco is not None:
-                logger.warning(f"ACCO load: {reason}; the pipeline restarts from the committed parameters")
-            for live, shadow in zip(self.bit16_groups_flat, self._shadows):
-                shadow.copy_(live)
-
-    def _incompatible(self, acco: dict[str, Any] | None) -> str | None:
-        if acco is None:
-            return "the checkpoint has no ACCO state"
-        if acco.get("format") not in (1, 2):
-            return f"unknown ACCO state format {acco.get('format')!r}"
-        saved = (acco["mode"], acco.get("compression", "none"), acco["min_micro"], acco["world_size"],
-                 acco["flat_numels"])
-        current = (self._mode, self._round.compression, self._min_micro, self._world,
-                   [f.numel() for f in self.bit16_groups_flat])
-        if saved != current:
-            return (f"saved with (mode, estimate compression, micro-batches per round, world size, flat sizes) "
-                    f"{saved}, running {current}")
-        return None
-
-    def _gather_into(self, flats: list[torch.Tensor], parts: list[torch.Tensor | None]) -> None:
-        """All-gather saved partitions into full flats; a None partition is the loaded fp32 master's cast."""
-        for flat, part, master in zip(flats, parts, self.single_partition_of_fp32_groups):
-            source = master.detach() if part is None else part
-            dist.all_gather_into_tensor(flat, source.to(device=flat.device, dtype=flat.dtype), group=self._acco_group)
-
-    def _restore_acco_state(self, acco: dict[str, Any]) -> None:
-        """Put the pipeline back exactly where ``_acco_state`` saw it (the round in flight as finished)."""
-        self._gather_into(self.bit16_groups_flat, acco["live"])
-        pending = acco["pending"]
-        if pending is None:
-            for live, shadow in zip(self.bit16_groups_flat, self._shadows):
-                shadow.copy_(live)
-        else:
-            self._gather_into(self._shadows, pending["shadow"])
-            s = pending["spec"]
-            spec = RoundSpec(index=s["index"], kind=RoundKind(s["kind"]), step=s["step"], grads=[],
-                             num_micro_batches=s["num_micro_batches"], loss_scale=s["loss_scale"], hyperparams=[])
-            handle = RoundHandle(spec)
-            handle._set_result(RoundResult(**{**pending["result"], "kind": RoundKind(pending["result"]["kind"])}))
-            self._in_flight = handle
-        device = self.bit16_groups_flat[0].device
-        if acco["carried"] is not None:
-            # Format 1 (0.1.x) carried the estimate's sums multiplied by gradient_accumulation_steps.
-            undo = 1.0 / self._ga if acco["format"] == 1 else 1.0
-            self._round._carried = [t.to(device) * undo for t in acco["carried"]]
-            self._round._carried_count = acco["carried_count"]
-        if acco["accumulated"] is not None:
-            for buf, saved in zip(self._buffers[self._compute_buffer], acco["accumulated"]):
-                buf.copy_(saved)
-        if acco.get("residual") is not None:
-            for buf, saved in zip(self._buffers[self._compute_buffer ^ 1], acco["residual"]):
-                buf.copy_(saved)
-        self._estimate_loss_scale = acco.get("estimate_loss_scale", 1.0)
-        self._micro = acco["micro"]
-        in_commit_half = self._mode == "acco" and acco["next_kind"] == RoundKind.COMMIT.value
-        self._step_micro = acco.get("step_micro", self._micro + (self._min_micro if in_commit_half else 0))
-        self._commit_pending = acco["commit_pending"]
-        self._next_kind = RoundKind(acco["next_kind"])
-        self._step = acco["step"]
-        self._round_index = acco["round_index"]
-        self._nonfinite_steps = acco.get("nonfinite_steps", 0)
-        self._nonfinite_in_a_row = acco.get("nonfinite_in_a_row", 0)
-        for record in acco["open_metrics"]:
-            self.metrics._open[record["step"] - 1] = StepMetrics(**record)
-        self.loaded_acco_state = True
-        self.loaded_engine_micro_steps = acco.get("engine_micro_steps")
+        pipeline_state.restore_pipeline_state(self, acco)
 
     def before_checkpoint_load(self) -> None:
         """Called by ``AccoEngine.load_checkpoint`` before DeepSpeed's load: wait for the round in flight.
 
         Nothing else changes here, so a load that finds no checkpoint leaves training as it was.
-        A failed round is only logged: the load replaces the state it was writing.
         """
-        self.leave_committed()
-        try:
-            self.drain()
-        except AccoRoundError as err:
-            logger.warning(f"ACCO load: the round in flight failed; the checkpoint replaces its state: {err}")
-        self.loaded_acco_state = False
-        self.loaded_engine_micro_steps = None
+        pipeline_state.before_checkpoint_load(self)
 
     def after_checkpoint_load(self, global_steps: int) -> None:
         """Called by ``AccoEngine.load_checkpoint`` after a load: without ACCO state, restart the pipeline.
 
-        A plain ZeRO-1 checkpoint, ``load_module_only`` or ``load_optimizer_states=False`` leave
-        the pipeline fresh, from the loaded parameters (as at the start of training); the
-        committed-step counter (``StepMetrics.step``) then follows the engine's ``global_steps``.
+        It restarts from the loaded parameters, at the engine's ``global_steps`` (a plain ZeRO-1
+        checkpoint, ``load_module_only``, ``load_optimizer_states=False``).
         """
-        if self.loaded_acco_state:
-            if self._step != global_steps:
-                logger.warning(f"ACCO load: the ACCO state counts {self._step} committed steps, the engine "
-                               f"{global_steps}")
-            return
-        self._discard_pipeline()
-        self._nonfinite_in_a_row = 0
-        self._step = global_steps
-        self._round_index = global_steps * (2 if self._mode == "acco" else 1)
-        for live, shadow in zip(self.bit16_groups_flat, self._shadows):
-            shadow.copy_(live)
-
+        pipeline_state.after_checkpoint_load(self, global_steps)
