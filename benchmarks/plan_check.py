@@ -52,8 +52,21 @@ def _zero1_timing(run: dict[str, Any], twin: dict[str, Any]) -> Timing:
     return Timing(twin["compute_s"], twin["comm_s"], estimate if estimate is not None else twin["comm_s"], run["ga"])
 
 
+def step_spread(run: dict[str, Any], skip: int) -> float | None:
+    """(max - min) / median of the run's step durations after the first ``skip`` steps (from its loss curve).
+
+    A cell whose own steps spread wider than a tolerance cannot check a prediction to that tolerance: the
+    medians of C and M and the median step need not add up when a few steps are disturbed.
+    """
+    curve = run.get("loss_curve") or []
+    walls = [0.0] + [p["wall_s"] for p in curve]
+    steps = [walls[i] - walls[i - 1] for i in range(1, len(walls))][skip:]
+    return (max(steps) - min(steps)) / statistics.median(steps) if len(steps) >= 2 else None
+
+
 def check(result: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per run: measured and predicted step time, relative errors."""
+    """One row per run: measured and predicted step time, relative errors, the spread of its steps."""
+    skip = int((result.get("settings") or {}).get("skip") or 0)
     def key(r: dict[str, Any]) -> tuple[Any, ...]:
         return r["rep"], r.get("seed"), r.get("preset"), r["heterogeneous"], r["target_ratio"]
 
@@ -71,7 +84,7 @@ def check(result: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({"method": method, "case": run["case"], "preset": run.get("preset", "tiny"),
                      "target_ratio": run["target_ratio"], "seed": run.get("seed"),
                      "heterogeneous": run["heterogeneous"], "rep": run["rep"], "measured_s": measured,
-                     "predicted_s": own, "error": own / measured - 1.0,
+                     "predicted_s": own, "error": own / measured - 1.0, "step_spread": step_spread(run, skip),
                      "predicted_from_zero1_s": from_zero1,
                      "error_from_zero1": from_zero1 / measured - 1.0 if from_zero1 else None})
     return rows

