@@ -34,8 +34,9 @@ setup(
                      "matplotlib"],
         "dev": ["pytest>=8", "pytest-timeout>=2.3", "hypothesis>=6", "ruff>=0.5", "transformers>=4.40",
                 "datasets>=2.18", "accelerate>=0.30", "tokenizers", "tqdm", "matplotlib",
-                # the documentation site: mkdocs build --strict in .ci/run, tests/test_docs.py (reads mkdocs.yml)
-                "mkdocs>=1.6", "mkdocs-material>=9.5", "pyyaml"],
+                # the documentation site: mkdocs build --strict in .ci/run, tests/test_docs.py (reads mkdocs.yml
+                # and applies its exclude_docs as MkDocs does, with pathspec)
+                "mkdocs>=1.6", "mkdocs-material>=9.5", "pyyaml", "pathspec>=0.11"],
     },
     classifiers=["Programming Language :: Python :: 3", "License :: OSI Approved :: Apache Software License"],
 )
