@@ -121,7 +121,7 @@ def half_step_s(compute_half_s: float, round_s: float, micro_batch_s: float | No
         return max(compute_half_s, round_s), 0.0
     nominal = compute_half_s / micro_batch_s
     wanted = max(nominal, math.ceil(round_s / micro_batch_s - 1e-9))
-    n = min(float(cap) if cap is not None else wanted, wanted)
+    n = wanted if cap is None else min(float(cap), wanted)
     return max(n * micro_batch_s, round_s), n
 
 
@@ -145,16 +145,13 @@ def step_time_s(method: str, timing: Timing) -> tuple[float, float]:
     if method == "acco_adaptive":
         cap = timing.max_micro_batches_per_round or 4 * max(1, ga // 2)
         t_slow = c / ga
-        step, micro = 0.0, 0.0
-        for round_s in (m, m):
-            half, n_slow = half_step_s(c / 2, round_s, t_slow, cap)
-            if timing.slowest_factor > 1.0:  # the fast half of the ranks fill the half-step the slow half sets
-                t = timing.compute_s / ga
-                n_fast = min(cap, max(ga / 2, math.floor(half / t + 1e-9)))
-                n_slow = (n_slow + n_fast) / 2
-            step += half
-            micro += n_slow
-        return step, micro
+        # Both rounds of a step are full-precision rounds of M: the two halves are alike.
+        half, n = half_step_s(c / 2, m, t_slow, cap)
+        if timing.slowest_factor > 1.0:  # the fast half of the ranks fill the half-step the slow half sets
+            t = timing.compute_s / ga
+            n_fast = min(cap, max(ga / 2, math.floor(half / t + 1e-9)))
+            n = (n + n_fast) / 2
+        return 2 * half, 2 * n
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
