@@ -32,7 +32,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
-__all__ = ["main", "parse_args", "paired_table"]
+__all__ = ["main", "paired_table", "parse_args", "seed_noise_table"]
 
 METHODS = {"zero1": ("zero1.json", {}), "acco": ("acco.json", {}), "dpu": ("dpu.json", {}),
            "acco_int8": ("acco.json", {"estimate_compression": "int8"}), "zero1_twin": ("zero1.json", {})}
@@ -127,7 +127,31 @@ def paired_table(runs: list[dict[str, Any]]) -> str:
     for method, values in gaps.items():
         lines.append(f"| {method} | {', '.join(f'{v:+.2%}' for v in values)} | {statistics.mean(values):+.2%} | "
                      f"{max(abs(v) for v in values):.2%} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + seed_noise_table(runs)
+
+
+def seed_noise_table(runs: list[dict[str, Any]]) -> str:
+    """Markdown: per (preset, world size, steps), each method's final held-out loss as mean and standard
+    deviation over seeds, and whether its mean lies within one ZeRO-1 standard deviation of ZeRO-1's mean."""
+    groups: dict[tuple[Any, ...], dict[str, list[float]]] = {}
+    for run in runs:
+        last = str(max(int(s) for s in run["eval"]))
+        key = (run["preset"], run["world"], run["steps"], run.get("lr"), run.get("warmup"), run.get("ga"))
+        groups.setdefault(key, {}).setdefault(run["method"], []).append(run["eval"][last])
+    lines = ["", "| preset | W | steps | method | seeds | final held-out, mean +- std over seeds "
+             "| mean - ZeRO-1's mean | in ZeRO-1 std | within 1 std |", "|---|---:|---:|---|---:|---|---:|---:|---|"]
+    for (preset, world, steps, *_), methods in groups.items():
+        zero1 = methods.get("zero1", [])
+        if len(zero1) < 2:
+            continue
+        z_mean, z_std = statistics.mean(zero1), statistics.stdev(zero1)
+        for method, values in methods.items():
+            mean = statistics.mean(values)
+            std = statistics.stdev(values) if len(values) > 1 else float("nan")
+            diff = mean - z_mean
+            lines.append(f"| {preset} | {world} | {steps} | {method} | {len(values)} | {mean:.4f} +- {std:.4f} | "
+                         f"{diff:+.4f} | {diff / z_std:+.2f} | {'yes' if abs(diff) <= z_std else 'no'} |")
+    return "\n".join(lines) + "\n" if len(lines) > 2 else ""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,11 +1,12 @@
 """The map of ACCO's gap to ZeRO-1: model size, world size, accumulation, learning rate and warm-up.
 
-Each cell runs three single-process simulations of ``benchmarks/estimate_study.py`` with the same seed:
-ZeRO-1, its rounding-level twin (initial weights x (1 + 1e-6): the noise floor of a paired comparison)
-and ACCO (``--estimate``, default the paper's). Per cell the table gives the held-out loss gaps of the
-twin and of ACCO to ZeRO-1 at the end, ACCO's mean distance from theta~_{t+1} to theta_{t+1} relative to
-the step (from step 5 on, after the LR warm-up starts) and the largest gradient norm of each run (loss
-spikes show as norms far above the clipping threshold).
+Each cell runs single-process simulations of ``benchmarks/estimate_study.py`` with the same seed
+(``--variants``): ZeRO-1, its rounding-level twin (initial weights x (1 + 1e-6): the noise floor of a
+paired comparison), ACCO (``--estimate``: ``paper``, ``momentum``, ``momentum_half``, each optionally
+``+carryK`` for theta~_{t+1} + K (theta~_t - theta_t)) and DPU. Per cell the table gives each run's held-out
+loss and gap to ZeRO-1 at the end, ACCO's mean distance from theta~_{t+1} to theta_{t+1} relative to the
+step (from step 5 on, after the LR warm-up starts) and the largest gradient norm of each run (loss spikes
+show as norms far above the clipping threshold).
 
     python benchmarks/estimate_map.py --out benchmarks/results/estimate_map.json \\
         --cells "tiny,2,4,1e-3,10;tiny,1,4,1e-3,10;tiny,4,4,1e-3,10;tiny,2,8,1e-3,10;tiny,2,16,1e-3,10"
@@ -30,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 __all__ = ["main", "run_cell_method", "table"]
 
 VARIANTS = {"zero1": ["--method", "zero1"], "twin": ["--method", "zero1", "--perturb_init", "1e-6"],
-            "acco": ["--method", "acco"]}
+            "acco": ["--method", "acco"], "dpu": ["--method", "dpu"]}
 
 
 def run_cell_method(cell: str, variant: str, seed: int, steps: int, estimate: str) -> dict[str, Any]:
@@ -41,35 +42,39 @@ def run_cell_method(cell: str, variant: str, seed: int, steps: int, estimate: st
     argv = ["--preset", preset, "--world", world, "--ga", ga, "--lr", lr, "--warmup", warmup, "--seed", str(seed),
             "--steps", str(steps), "--eval_every", str(max(1, steps // 4)), "--out", "/dev/null", *VARIANTS[variant]]
     if variant == "acco":
-        argv += ["--estimate", estimate]
+        rule, _, carry = estimate.partition("+carry")
+        argv += ["--estimate", rule] + (["--carry", carry] if carry else [])
     records = list(run_study(parse_args(argv)))
     return {"cell": cell, "variant": variant, "seed": seed, "steps": steps, "estimate": estimate, "records": records}
 
 
-def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    by = {r["variant"]: r["records"] for r in runs}
-    last = {v: [x for x in recs if "eval_loss" in x][-1]["eval_loss"] for v, recs in by.items()}
-    dist = [x["est_dist_rel"] for x in by.get("acco", []) if x["step"] >= 5 and "est_dist_rel" in x]
-    return {"zero1": last.get("zero1"), "twin_gap": last["twin"] / last["zero1"] - 1 if "twin" in last else None,
-            "acco_gap": last["acco"] / last["zero1"] - 1 if "acco" in last else None,
-            "est_dist_rel_mean": statistics.mean(dist) if dist else None,
-            "max_grad_norm": {v: max(x["gnorm"] for x in recs) for v, recs in by.items()}}
+def _held_out(run: dict[str, Any]) -> float:
+    return [x for x in run["records"] if "eval_loss" in x][-1]["eval_loss"]
+
+
+def _label(run: dict[str, Any]) -> str:
+    return f"ACCO, {run['estimate']} estimate" if run["variant"] == "acco" else run["variant"]
 
 
 def table(results: list[dict[str, Any]]) -> str:
-    """Markdown: one row per (cell, seed)."""
-    lines = ["| cell (preset, W, GA, lr, warm-up) | seed | steps | ZeRO-1 held-out | twin gap (noise floor) | ACCO gap "
-             "| ACCO \\|theta~ - theta\\| / step | max grad norm (ZeRO-1 / twin / ACCO) |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    """Markdown: per (cell, seed, steps), ZeRO-1's held-out loss, then one row per other run with its gap."""
+    lines = ["| cell (preset, W, GA, lr, warm-up) | seed | steps | run | held-out | gap to ZeRO-1 "
+             "| \\|theta~ - theta\\| / step | max grad norm |",
+             "|---|---:|---:|---|---:|---:|---:|---:|"]
     groups: dict[tuple[str, int, int], list[dict[str, Any]]] = {}
     for r in results:
         groups.setdefault((r["cell"], r["seed"], r["steps"]), []).append(r)
     for (cell, seed, steps), runs in groups.items():
-        s = _summary(runs)
-        norms = s["max_grad_norm"]
-        lines.append(f"| {cell} | {seed} | {steps} | {s['zero1']:.4f} | {s['twin_gap']:+.2%} | {s['acco_gap']:+.2%} | "
-                     f"{s['est_dist_rel_mean']:.2f} | {norms.get('zero1', 0):.1f} / {norms.get('twin', 0):.1f} / "
-                     f"{norms.get('acco', 0):.1f} |")
+        zero1 = next((r for r in runs if r["variant"] == "zero1"), None)
+        if zero1 is None:
+            continue
+        base = _held_out(zero1)
+        for r in [zero1] + [r for r in runs if r is not zero1]:
+            dist = [x["est_dist_rel"] for x in r["records"] if x["step"] >= 5 and "est_dist_rel" in x]
+            gap = "" if r is zero1 else f"{_held_out(r) / base - 1:+.2%}"
+            lines.append(f"| {cell} | {seed} | {steps} | {_label(r)} | {_held_out(r):.4f} | {gap} | "
+                         f"{f'{statistics.mean(dist):.2f}' if dist else ''} | "
+                         f"{max(x['gnorm'] for x in r['records']):.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -80,15 +85,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="1234")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--estimate", default="paper")
+    p.add_argument("--variants", default="zero1,twin,acco", help=f"any of {', '.join(VARIANTS)}")
     p.add_argument("--parallel", type=int, default=2)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     out = Path(args.out)
     done: list[dict[str, Any]] = json.loads(out.read_text()) if out.exists() else []
-    have = {(r["cell"], r["variant"], r["seed"], r["steps"], r["estimate"]) for r in done}
+    def key(cell: str, variant: str, seed: int, steps: int, estimate: str) -> tuple[Any, ...]:
+        return cell, variant, seed, steps, estimate if variant == "acco" else None  # baselines have no estimate
+
+    have = {key(r["cell"], r["variant"], r["seed"], r["steps"], r["estimate"]) for r in done}
     todo = [(cell, variant, int(seed), args.steps, args.estimate) for cell in args.cells.split(";")
-            for seed in args.seeds.split(",") for variant in VARIANTS
-            if (cell, variant, int(seed), args.steps, args.estimate) not in have]
+            for seed in args.seeds.split(",") for variant in args.variants.split(",")
+            if key(cell, variant, int(seed), args.steps, args.estimate) not in have]
     with ProcessPoolExecutor(max_workers=args.parallel) as pool:
         for result in pool.map(run_cell_method, *zip(*todo)) if todo else []:
             done.append(result)

@@ -13,7 +13,9 @@ theta_{t+1}, relative to the step theta_{t+1} - theta_t, and the gradient norms 
 One JSON line per committed step: ``step, lr, train_loss, est_dist_rel, est_cos, gnorm_first,
 gnorm_second, clip`` (+ ``eval_loss`` at evaluation steps). ``--oracle_lambda L`` replaces the
 estimate by theta_{t+1} + L * (paper estimate - theta_{t+1}) (it computes the commit first, which the
-real schedule cannot): it measures how the gap scales with the estimate's error.
+real schedule cannot): it measures how the gap scales with the estimate's error. ``--carry K`` shifts the
+estimate by K times the previous estimate's offset from the committed weights (it raises the edge of
+stability: ``benchmarks/estimate_stability.py``).
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_data_arguments(p)
     p.add_argument("--method", choices=("zero1", "acco", "dpu"), default="acco")
     p.add_argument("--estimate", choices=sorted(ESTIMATES), default="paper", help="how ACCO forms theta~")
+    p.add_argument("--carry", type=float, default=0.0,
+                   help="theta~_{t+1} = Opt(theta_t, G~_t) + CARRY * (theta~_t - theta_t), theta~_t being where "
+                        "G~_t was computed (see benchmarks/estimate_stability.py)")
     p.add_argument("--oracle_lambda", type=float, default=None,
                    help="theta~ = theta_{t+1} + L * (paper estimate - theta_{t+1}); needs the commit first")
     p.add_argument("--world", type=int, default=2, help="simulated data-parallel ranks")
@@ -161,11 +166,14 @@ def run_study(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
             sim.step(first[0], first[1], t)
             yield record(t, theta_t, first, first, None)
         return
-    est_sums = sim.accumulate(sim.snapshot_params(), per_round)
+    computed_at = sim.snapshot_params()
+    est_sums = sim.accumulate(computed_at, per_round)
     for t in range(args.steps):
         theta_t = sim.snapshot_params()
         if args.oracle_lambda is None:
             estimate = sim.tentative_step(*estimate_gradient(args.estimate, sim, *est_sums, t), t)
+            if args.carry:
+                estimate = [e + args.carry * (p - x) for e, p, x in zip(estimate, computed_at, theta_t, strict=True)]
             second = sim.accumulate(theta_t, per_round)
         else:  # needs G_t before theta~: only a simulation can do this
             second = sim.accumulate(theta_t, per_round)
@@ -176,6 +184,7 @@ def run_study(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
         sim.step([a + b for a, b in zip(est_sums[0], second[0], strict=True)], est_sums[1] + second[1], t)
         yield record(t, theta_t, est_sums, second, estimate)
         if t + 1 < args.steps:
+            computed_at = estimate
             est_sums = sim.accumulate(estimate, per_round)
 
 

@@ -81,6 +81,12 @@ What the measurements and the schedule add to the field descriptions above:
 - `round_timeout_s`: a round that does not finish in time raises `AccoRoundTimeout` in the training thread.
   Connecting ACCO's process group at start-up gets at least 300 s. On a slow link with a big model, raise it
   above the longest round ([Failures](failures-and-checkpoints.md#failures)).
+- The LR schedule (not a key of the block): `initialize` logs a warning, and refuses nothing, when DeepSpeed's
+  own `WarmupLR`, `WarmupDecayLR` or `WarmupCosineLR` warms up over fewer than 100 steps
+  (`scheduler.params.warmup_num_steps`) or no scheduler is configured. ACCO's estimate lowers the edge of
+  stability to about 1/(1+beta1) of ZeRO-1's, and such runs spike and trail ZeRO-1
+  ([Why ACCO can trail ZeRO-1](how-it-works.md#why-acco-can-trail-zero-1)). A scheduler passed to `initialize`
+  (the HF Trainer's) is not inspected.
 - ACCO sets DeepSpeed's `timers.throughput.synchronized` to false: a device-wide synchronize per micro-batch
   would serialize the background round behind compute.
 """

@@ -14,6 +14,7 @@ import atexit
 import contextlib
 import functools
 import json
+import logging
 import os
 import threading
 import weakref
@@ -26,7 +27,7 @@ from deepspeed import comm as dist
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.pipe.module import PipelineModule
 from deepspeed.runtime.zero.utils import ZeRORuntimeException
-from deepspeed.utils import logger
+from deepspeed.utils import log_dist, logger
 
 from deepspeed_acco.committed import install_committed_reads
 from deepspeed_acco.config import (
@@ -35,6 +36,7 @@ from deepspeed_acco.config import (
     check_deepspeed_config,
     check_raw_config,
     get_acco_config,
+    warmup_advice,
 )
 from deepspeed_acco.metrics import StepMetrics
 from deepspeed_acco.optimizer import AccoZeroOptimizer
@@ -72,6 +74,9 @@ class AccoEngine(DeepSpeedEngine):
         super()._do_sanity_check()
         self._acco = get_acco_config(self._config._param_dict)
         check_deepspeed_config(self._config, self._acco, client_optimizer=self.client_optimizer)
+        advice = warmup_advice(self._config, self._acco, client_lr_scheduler=self.client_lr_scheduler)
+        if advice is not None:
+            log_dist(advice, ranks=[0], level=logging.WARNING)
         if self.mpu is not None:
             raise AccoConfigError("acco.enabled=true does not support model parallelism (an mpu was passed); "
                                   "drop mpu or set acco.enabled to false")

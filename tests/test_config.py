@@ -185,3 +185,67 @@ def test_ds_configs_differ_only_by_acco_block() -> None:
         assert rest == cfgs["zero1"], name
         assert get_acco_config(cfgs[name]).enabled
     assert get_acco_config(cfgs["dpu"]).mode == "dpu"
+
+
+def _warmup(name: str | None, **params: Any) -> Any:
+    from types import SimpleNamespace
+
+    raw: dict[str, Any] = {} if name is None else {"scheduler": {"type": name, "params": params}}
+    return SimpleNamespace(_param_dict=raw)
+
+
+@pytest.mark.parametrize("ds_config,mode,client,needle", [
+    (_warmup(None), "acco", None, "no LR scheduler is configured"),
+    (_warmup("WarmupLR", warmup_num_steps=10), "acco", None, "scheduler.params.warmup_num_steps=10 reaches"),
+    (_warmup("WarmupCosineLR", warmup_num_steps=99, total_num_steps=1000), "acco", None, "warmup_num_steps=99"),
+    (_warmup("WarmupLR", warmup_num_steps=100), "acco", None, None),
+    (_warmup("WarmupDecayLR", total_num_steps=5000), "acco", None, None),  # DeepSpeed's default: 1000 steps
+    (_warmup("OneCycle"), "acco", None, None),  # no warm-up length to judge
+    (_warmup(None), "dpu", None, None),  # no estimate round
+    (_warmup(None), "acco", object(), None),  # the caller's scheduler (HF Trainer) is not inspected
+])
+def test_warmup_advice(ds_config: Any, mode: str, client: Any, needle: str | None) -> None:
+    """A run whose LR reaches its full value within fewer than 100 steps gets a warning that says why and the fix."""
+    from deepspeed_acco.config import warmup_advice
+
+    advice = warmup_advice(ds_config, AccoConfig(enabled=True, mode=mode), client_lr_scheduler=client)
+    if needle is None:
+        assert advice is None
+    else:
+        assert advice is not None and needle in advice
+        assert "warmup_num_steps >= 100" in advice and "1/(1+beta1) of ZeRO-1's" in advice, advice
+
+
+def _initialize_logs(rank: int, world_size: int, configs: list[dict[str, Any]]) -> list[list[str]]:
+    """In a spawned rank: initialize each config; return the warnings DeepSpeed's logger printed."""
+    import logging
+
+    from deepspeed.utils import logger
+
+    import deepspeed_acco
+    from tests.dist_utils import init_rank
+    from tests.workers import WithLoss, make_model
+
+    init_rank()
+    out = []
+    for cfg in configs:
+        seen: list[str] = []
+        handler = logging.Handler(level=logging.WARNING)
+        handler.emit = lambda record, seen=seen: seen.append(record.getMessage())  # type: ignore[method-assign]
+        logger.addHandler(handler)
+        module = WithLoss(make_model())
+        engine, *_ = deepspeed_acco.initialize(model=module, model_parameters=module.parameters(), config=cfg)
+        logger.removeHandler(handler)
+        engine.destroy()
+        out.append(seen)
+    return out
+
+
+@pytest.mark.timeout(120)
+def test_initialize_warns_outside_the_regime() -> None:
+    """initialize logs the warm-up warning for a 10-step warm-up, and not for a 200-step one."""
+    short = base_config(scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": 10}}, **ON)
+    long = base_config(scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": 200}}, **ON)
+    logs = run_distributed(_initialize_logs, 1, [short, long], timeout_s=100)[0]
+    assert [m for m in logs[0] if "warmup_num_steps=10 reaches" in m], logs[0]
+    assert not [m for m in logs[1] if "warmup_num_steps" in m], logs[1]

@@ -1,0 +1,102 @@
+"""Why ACCO's estimate can trail ZeRO-1: the largest stable step of each estimate rule, on a quadratic.
+
+Along one direction of curvature ``h``, a momentum optimizer with a frozen preconditioner (Adam's
+``1 / sqrt(v)`` once ``v`` has settled) is linear in the weights. Write ``a = lr * h / sqrt(v)`` for the
+preconditioned step and keep the momentum in units of the step (``m`` below is ``lr * m / sqrt(v)``):
+
+- ZeRO-1:        ``m' = b m + (1 - b) a x``;                  ``x' = x - m'``
+- ACCO's commit: ``m' = b m + (1 - b) a (x~ + x) / 2``;       ``x' = x - m'`` (half the batch at x~)
+- ACCO's estimate ``x~'`` (where the next half-batch is computed), one rule per row of the table.
+
+Each rule is a linear map on ``(x, m, x~, x_prev)``. The largest ``a`` with spectral radius <= 1 is the
+edge of stability: past it, that direction oscillates and grows (a loss spike) until the optimizer's
+own feedback (Adam's ``v``, clipping) shrinks the step. Adam-type training runs close to that edge
+(Cohen et al., "Adaptive gradient methods at the edge of stability", 2022), so a rule with a lower edge
+spikes earlier, at a smaller learning rate or earlier in a warm-up.
+
+Closed forms (checked by ``tests/test_estimate_stability.py``): ZeRO-1 ``2 (1 + b) / (1 - b)``; the
+paper's estimate ``2 / (1 - b)``, i.e. ``1 / (1 + b)`` of ZeRO-1's (0.53 at b = 0.9); ``carry(k)``
+``2 (1 + k) / (1 - b)`` up to ZeRO-1's. Why the paper's edge is lower: the estimate error
+``d = x~ - x`` obeys ``d' = -(1 - b) (a / 2) d``, because the estimate weighs the gradient at x~ fully
+where the commit weighs it by half; it flips sign and grows once ``(1 - b) a / 2 > 1``.
+
+    python benchmarks/estimate_stability.py            # the table for beta1 = 0.9
+    python benchmarks/estimate_stability.py --beta1 0.95
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+
+import numpy as np
+
+__all__ = ["RULES", "edge_of_stability", "main", "step_matrix"]
+
+# x~' as a row over (x, m, x~, x_prev), for step size a and momentum b.
+Row = Callable[[float, float], list[float]]
+
+RULES: dict[str, Row | None] = {
+    "zero1": None,  # no estimate: both halves at x
+    "dpu": None,  # delayed parameter update (step_matrix's own case), not an estimate rule
+    "paper": lambda a, b: [1.0, -b, -(1 - b) * a, 0.0],  # Opt(theta_t, G~_t)
+    "damped 0.5": lambda a, b: [1.0, -0.5 * b, -0.5 * (1 - b) * a, 0.0],  # halfway from theta_t
+    "G~_t + G_(t-1)": lambda a, b: [1.0, -b, -(1 - b) * a / 2, -(1 - b) * a / 2],  # previous commit's 2nd half
+    "momentum": lambda a, b: [1.0, -1.0, 0.0, 0.0],  # gradient predicted by the momentum alone
+    "none (stale half)": lambda a, b: [1.0, 0.0, 0.0, 0.0],  # next half computed at theta_t: one step stale
+    "carry 0.25": lambda a, b: [0.75, -b, -(1 - b) * a + 0.25, 0.0],  # paper + k (x~ - x)
+    "carry 0.5": lambda a, b: [0.5, -b, -(1 - b) * a + 0.5, 0.0],
+    "carry 0.9": lambda a, b: [0.1, -b, -(1 - b) * a + 0.9, 0.0],
+}
+"""Estimate rules: how the point of the next half-batch's gradients is formed (None: ZeRO-1)."""
+
+
+def step_matrix(rule: str, a: float, b: float) -> np.ndarray:
+    """One optimizer step of ``rule`` as a 4x4 map on ``(x, m, x~, x_prev)``."""
+    if rule == "dpu":  # whole step one step stale: G_t at theta_(t-1)
+        m_row = [0.0, b, 0.0, (1 - b) * a]
+        x_row = [1.0, -b, 0.0, -(1 - b) * a]
+        return np.array([x_row, m_row, x_row, [1.0, 0.0, 0.0, 0.0]])
+    estimate = RULES[rule]
+    if estimate is None:
+        m_row = [(1 - b) * a, b, 0.0, 0.0]
+        x_row = [1 - m_row[0], -b, 0.0, 0.0]
+        return np.array([x_row, m_row, x_row, [1.0, 0.0, 0.0, 0.0]])
+    m_row = [(1 - b) * a / 2, b, (1 - b) * a / 2, 0.0]
+    x_row = [1 - m_row[0], -b, -m_row[2], 0.0]
+    return np.array([x_row, m_row, estimate(a, b), [1.0, 0.0, 0.0, 0.0]])
+
+
+def edge_of_stability(rule: str, b: float, a_max: float = 200.0, tol: float = 1e-6) -> float:
+    """The smallest step ``a`` (scanned, then bisected) past which ``rule`` has spectral radius > 1."""
+    def unstable(a: float) -> bool:
+        return float(max(abs(np.linalg.eigvals(step_matrix(rule, a, b))))) > 1 + 1e-9
+
+    grid = np.linspace(1e-3, a_max, 20001)
+    hi = next((float(a) for a in grid if unstable(float(a))), None)
+    if hi is None:
+        return float("inf")
+    lo = hi - float(grid[1] - grid[0])
+    while hi - lo > tol:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if unstable(mid) else (mid, hi)
+    return hi
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Print each rule's edge of stability and its ratio to ZeRO-1's."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--beta1", type=float, default=0.9)
+    args = p.parse_args(argv)
+    zero1 = edge_of_stability("zero1", args.beta1)
+    print(f"| estimate rule (beta1 = {args.beta1}) | edge of stability lr*h/sqrt(v) | fraction of ZeRO-1's |")
+    print("|---|---:|---:|")
+    for rule in RULES:
+        edge = edge_of_stability(rule, args.beta1)
+        print(f"| {rule} | {edge:.2f} | {edge / zero1:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
