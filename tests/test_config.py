@@ -201,6 +201,7 @@ def _warmup(name: str | None, **params: Any) -> Any:
     (_warmup("WarmupLR", warmup_num_steps=100), "acco", None, None),
     (_warmup("WarmupDecayLR", total_num_steps=5000), "acco", None, None),  # DeepSpeed's default: 1000 steps
     (_warmup("OneCycle"), "acco", None, None),  # no warm-up length to judge
+    (_warmup("WarmupLR", warmup_num_steps="auto"), "acco", None, None),  # an unresolved "auto": not judged
     (_warmup(None), "dpu", None, None),  # no estimate round
     (_warmup(None), "acco", object(), None),  # the caller's scheduler (HF Trainer) is not inspected
 ])
