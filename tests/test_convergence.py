@@ -10,9 +10,9 @@ setting gives ACCO +0.48 %, and the map's cells at LR 1e-3 range from -0.14 % to
 The test fails when ACCO ends more than ``TOLERANCE`` behind ZeRO-1, so a change that moves ACCO's
 estimate towards a stale or damped one (both lower the edge of stability: docs/how-it-works.md, "Why ACCO can
 trail ZeRO-1") is caught; DPU, one step stale, must fail the same bound, which shows the bound separates a
-stale optimizer from ACCO. Why not a higher LR, where ACCO's gap is larger: at LR 3e-3 the warm-up spike makes
-the end point depend on rounding (ZeRO-1 itself ends at 2.4898 here and 2.6458 in the simulation), so a bound
-there would test rounding, not the schedule. About 5 minutes on 2 CPU cores.
+stale optimizer from ACCO. Why not a higher LR, where ACCO's gap is larger: at LR 3e-3, after the warm-up
+spike, the same ZeRO-1 run ends at 2.4898 here and 2.6458 in the simulation, so a bound there would test that
+implementation-level difference, not the schedule. About 5 minutes on 2 CPU cores.
 """
 
 from __future__ import annotations
