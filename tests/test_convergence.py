@@ -17,67 +17,34 @@ implementation-level difference, not the schedule. About 5 minutes on 2 CPU core
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from examples.train_lm import heldout_batches
 from tests.dist_utils import job_result, run_distributed, run_jobs_isolated
+from tests.workers import ds_config, train_tiny_lm
 
-REPO = Path(__file__).resolve().parent.parent
 STEPS, EVAL_BATCHES = 100, 8
 TOLERANCE = 0.02
 """ACCO's held-out loss may end at most 2 % above ZeRO-1's (measured today: +0.27 %; see the module docstring)."""
 
 
-def _config(name: str) -> dict[str, Any]:
-    return json.loads((REPO / "ds_configs" / name).read_text())
-
-
-def _lm() -> tuple[Any, Any]:
-    import argparse
-    import sys
-
-    sys.path.insert(0, str(REPO / "examples"))
-    import train_lm
-
-    p = argparse.ArgumentParser()
-    train_lm.add_model_data_arguments(p)
-    return train_lm, train_lm.finish_model_data_arguments(p.parse_args(["--preset", "tiny"]))
-
-
 def convergence_worker(rank: int, world: int, config: dict[str, Any]) -> dict[str, Any]:
-    """Train STEPS committed steps through the public API; return the held-out loss and the largest grad norm."""
-    import deepspeed_acco
-    from tests.dist_utils import init_rank
-
-    init_rank(timeout_s=600)
-    train_lm, args = _lm()
-    corpus = train_lm.build_corpus(args)
-    model = train_lm.build_model(args, corpus.vocab_size, corpus.eot_id)
-    engine, *_ = deepspeed_acco.initialize(model=model, model_parameters=model.parameters(), config=config)
-    micro = config["train_micro_batch_size_per_gpu"]
-    windows = train_lm.ShardedWindows(corpus.train, args.seq_len, micro, rank, world, args.seed)
-    i = 0
-    while engine.global_steps < STEPS:
-        ids = windows[i]
-        i += 1
-        engine.backward(engine(input_ids=ids, labels=ids).loss)
-        engine.step()
-    deepspeed_acco.flush(engine)
+    """Train STEPS committed steps through the public API; return the held-out loss of the committed weights."""
+    engine, model, corpus, args, micro_batches = train_tiny_lm(rank, world, config, STEPS, init_timeout_s=600)
     model.eval()
     with torch.no_grad():
-        batches = train_lm.heldout_batches(corpus.heldout, EVAL_BATCHES, micro, args.seq_len)
+        batches = heldout_batches(corpus.heldout, EVAL_BATCHES, config["train_micro_batch_size_per_gpu"], args.seq_len)
         heldout = sum(float(model(input_ids=x, labels=x).loss) for x in batches) / len(batches)
     engine.destroy()
-    return {"heldout": heldout, "micro_batches": i}
+    return {"heldout": heldout, "micro_batches": micro_batches}
 
 
 @pytest.fixture(scope="module")
 def runs() -> dict[str, list[Any]]:
-    jobs = {name: _config(f"{name}.json") for name in ("zero1", "acco", "dpu")}
+    jobs = {name: ds_config(f"{name}.json") for name in ("zero1", "acco", "dpu")}
     results = run_distributed(run_jobs_isolated, 2, convergence_worker, [(c,) for c in jobs.values()],
                               timeout_s=1500)
     return {name: [r[j] for r in results] for j, name in enumerate(jobs)}

@@ -10,8 +10,6 @@ LR of a round, clipping) shows here. About 30 s.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,54 +18,22 @@ import torch
 from benchmarks.estimate_study import LogitsOf, lm_loss
 from tests.acco_reference import reference_train
 from tests.dist_utils import job_result, run_distributed, run_jobs_isolated
+from tests.workers import ds_config, tiny_lm, train_tiny_lm
 
-REPO = Path(__file__).resolve().parent.parent
 STEPS, SEQ = 6, 64
-
-
-def _lm_args() -> Any:
-    import argparse
-    import sys
-
-    sys.path.insert(0, str(REPO / "examples"))
-    import train_lm
-
-    p = argparse.ArgumentParser()
-    train_lm.add_model_data_arguments(p)
-    return train_lm, train_lm.finish_model_data_arguments(p.parse_args(["--preset", "tiny", "--seq_len", str(SEQ)]))
-
-
-def _config(name: str) -> dict[str, Any]:
-    return json.loads((REPO / "ds_configs" / name).read_text())
 
 
 def lm_worker(rank: int, world: int, config: dict[str, Any]) -> dict[str, Any]:
     """Train the tiny GPT-2 for STEPS committed steps through the public API; return its parameters."""
-    import deepspeed_acco
-    from tests.dist_utils import init_rank
-
-    init_rank()
-    train_lm, args = _lm_args()
-    corpus = train_lm.build_corpus(args)
-    model = train_lm.build_model(args, corpus.vocab_size, corpus.eot_id)
-    engine, *_ = deepspeed_acco.initialize(model=model, model_parameters=model.parameters(), config=config)
-    micro = config["train_micro_batch_size_per_gpu"]
-    windows = train_lm.ShardedWindows(corpus.train, SEQ, micro, rank, world, args.seed)
-    i = 0
-    while engine.global_steps < STEPS:
-        ids = windows[i]
-        i += 1
-        engine.backward(engine(input_ids=ids, labels=ids).loss)
-        engine.step()
-    deepspeed_acco.flush(engine)
-    out = {"params": [p.detach().clone() for p in model.parameters()], "micro_batches": i}
+    engine, model, _, _, micro_batches = train_tiny_lm(rank, world, config, STEPS, SEQ)
+    out = {"params": [p.detach().clone() for p in model.parameters()], "micro_batches": micro_batches}
     engine.destroy()
     return out
 
 
 @pytest.fixture(scope="module")
 def runs() -> dict[str, list[Any]]:
-    jobs = {"acco": _config("acco.json"), "zero1": _config("zero1.json")}
+    jobs = {"acco": ds_config("acco.json"), "zero1": ds_config("zero1.json")}
     results = run_distributed(run_jobs_isolated, 2, lm_worker, [(c,) for c in jobs.values()], timeout_s=280)
     return {name: [r[j] for r in results] for j, name in enumerate(jobs)}
 
@@ -78,9 +44,9 @@ def test_gpt2_matches_reference(runs: dict[str, list[Any]], method: str, mode: s
     """The tiny GPT-2 with ds_configs/{acco,zero1}.json equals the reference after 6 steps (< 1e-5); ACCO and
     ZeRO-1 differ from each other by far more than that."""
     result = job_result(runs, method)
-    train_lm, args = _lm_args()
+    train_lm, args = tiny_lm(SEQ)
     corpus = train_lm.build_corpus(args)
-    config = _config(f"{method}.json")
+    config = ds_config(f"{method}.json")
     micro, ga = config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]
     shards = [train_lm.ShardedWindows(corpus.train, SEQ, micro, r, 2, args.seed) for r in range(2)]
     batches = [[(shard[i], shard[i]) for i in range(result[0]["micro_batches"])] for shard in shards]

@@ -264,3 +264,51 @@ def run_jobs(rank: int, world_size: int, jobs: list[tuple[Any, ...]]) -> list[An
     from tests.dist_utils import run_jobs_isolated
 
     return run_jobs_isolated(rank, world_size, train_worker, jobs)
+
+
+def tiny_lm(seq_len: int | None = None) -> tuple[Any, Any]:
+    """``examples/train_lm.py`` as a module and its parsed model/data arguments for the tiny preset."""
+    import argparse
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+    import train_lm
+
+    p = argparse.ArgumentParser()
+    train_lm.add_model_data_arguments(p)
+    argv = ["--preset", "tiny"] + (["--seq_len", str(seq_len)] if seq_len is not None else [])
+    return train_lm, train_lm.finish_model_data_arguments(p.parse_args(argv))
+
+
+def ds_config(name: str) -> dict[str, Any]:
+    """One of the repository's ``ds_configs/*.json``, as a dict."""
+    import json
+    from pathlib import Path
+
+    return json.loads((Path(__file__).resolve().parent.parent / "ds_configs" / name).read_text())
+
+
+def train_tiny_lm(rank: int, world_size: int, config: dict[str, Any], steps: int, seq_len: int | None = None,
+                  init_timeout_s: float = 60.0) -> tuple[Any, Any, Any, Any, int]:
+    """In a spawned rank: train the main job's tiny GPT-2 (its data shards and initialization) for ``steps``
+    committed steps through the public API, then flush. Returns (engine, model, corpus, args, micro-batches
+    consumed); the caller destroys the engine."""
+    import deepspeed_acco
+    from tests.dist_utils import init_rank
+
+    init_rank(timeout_s=init_timeout_s)
+    train_lm, args = tiny_lm(seq_len)
+    corpus = train_lm.build_corpus(args)
+    model = train_lm.build_model(args, corpus.vocab_size, corpus.eot_id)
+    engine, *_ = deepspeed_acco.initialize(model=model, model_parameters=model.parameters(), config=config)
+    windows = train_lm.ShardedWindows(corpus.train, args.seq_len, config["train_micro_batch_size_per_gpu"], rank,
+                                      world_size, args.seed)
+    i = 0
+    while engine.global_steps < steps:
+        ids = windows[i]
+        i += 1
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+    deepspeed_acco.flush(engine)
+    return engine, model, corpus, args, i
