@@ -2,7 +2,7 @@
 
 Every run is ``examples/train_lm.py`` under the real ``deepspeed`` launcher on CPU, with the repository's
 ``ds_configs`` (same model, data order and initialization for every method of a seed). Besides the methods,
-``zero1_twin`` is ZeRO-1 again with its initial weights multiplied by 1 + 1e-6 (``--perturb_init``): two
+``zero1_twin`` is ZeRO-1 again with each initial weight multiplied by 1 + 1e-6 x N(0, 1) (``--perturb_init``): two
 runs that should be equal, up to rounding. How far the twin ends from ZeRO-1 is the noise floor of a
 paired comparison at that setting: a method's gap inside it is indistinguishable from rounding.
 
@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 __all__ = ["main", "paired_table", "parse_args", "seed_noise_table"]
 
 METHODS = {"zero1": ("zero1.json", {}), "acco": ("acco.json", {}), "dpu": ("dpu.json", {}),
-           "acco_int8": ("acco.json", {"estimate_compression": "int8"}), "zero1_twin": ("zero1.json", {})}
+           "acco_int8": ("acco.json", {"estimate_compression": "int8"}),
+           "acco_extrapolated": ("acco.json", {"estimate": "extrapolated"}), "zero1_twin": ("zero1.json", {})}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -1,9 +1,10 @@
 """The map of ACCO's gap to ZeRO-1: model size, world size, accumulation, learning rate and warm-up.
 
 Each cell runs single-process simulations of ``benchmarks/estimate_study.py`` with the same seed
-(``--variants``): ZeRO-1, its rounding-level twin (initial weights x (1 + 1e-6): the noise floor of a
-paired comparison), ACCO (``--estimate``: ``paper``, ``momentum``, ``momentum_half``, each optionally
-``+carryK`` for theta~_{t+1} + K (theta~_t - theta_t)) and DPU. Per cell the table gives each run's held-out
+(``--variants``): ZeRO-1, its rounding-level twin (each initial weight x (1 + 1e-6 x a standard normal draw):
+the noise floor of a paired comparison), ACCO (``--estimate``: ``paper``, ``momentum``, ``momentum_half``,
+each optionally ``+carryK`` for theta~_{t+1} + K (theta~_t - theta_t) or ``+shiftS,K1,K2`` for
+``estimate_study.py``'s ``--shift``) and DPU. Per cell the table gives each run's held-out
 loss and gap to ZeRO-1 at the end, ACCO's mean distance from theta~_{t+1} to theta_{t+1} relative to the
 step (from step 5 on, after the LR warm-up starts) and the largest gradient norm of each run (loss spikes
 show as norms far above the clipping threshold).
@@ -28,7 +29,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-__all__ = ["main", "run_cell_method", "table"]
+__all__ = ["main", "run_cell_method", "seed_summary", "table"]
 
 VARIANTS = {"zero1": ["--method", "zero1"], "twin": ["--method", "zero1", "--perturb_init", "1e-6"],
             "acco": ["--method", "acco"], "dpu": ["--method", "dpu"]}
@@ -42,8 +43,10 @@ def run_cell_method(cell: str, variant: str, seed: int, steps: int, estimate: st
     argv = ["--preset", preset, "--world", world, "--ga", ga, "--lr", lr, "--warmup", warmup, "--seed", str(seed),
             "--steps", str(steps), "--eval_every", str(max(1, steps // 4)), "--out", "/dev/null", *VARIANTS[variant]]
     if variant == "acco":
-        rule, _, carry = estimate.partition("+carry")
-        argv += ["--estimate", rule] + (["--carry", carry] if carry else [])
+        rule, _, shift = estimate.partition("+")
+        if shift.startswith("carry"):  # +carryK: the shift 1,K,0
+            shift = f"1,{shift.removeprefix('carry')},0"
+        argv += ["--estimate", rule] + (["--shift", shift.removeprefix("shift")] if shift else [])
     records = list(run_study(parse_args(argv)))
     return {"cell": cell, "variant": variant, "seed": seed, "steps": steps, "estimate": estimate, "records": records}
 
@@ -78,6 +81,26 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seed_summary(results: list[dict[str, Any]]) -> str:
+    """Markdown: per cell and run, the gap to ZeRO-1 of every seed (paired), their mean and standard deviation."""
+    base = {(r["cell"], r["seed"], r["steps"]): _held_out(r) for r in results if r["variant"] == "zero1"}
+    rows: dict[tuple[str, int, str], list[tuple[int, float, float]]] = {}
+    for r in results:
+        if r["variant"] != "zero1" and (r["cell"], r["seed"], r["steps"]) in base:
+            gap = _held_out(r) / base[(r["cell"], r["seed"], r["steps"])] - 1
+            rows.setdefault((r["cell"], r["steps"], _label(r)), []).append(
+                (r["seed"], gap, max(x["gnorm"] for x in r["records"])))
+    lines = ["| cell (preset, W, GA, lr, warm-up) | steps | run | gap to ZeRO-1 by seed (max grad norm) | mean | std |",
+             "|---|---:|---|---|---:|---:|"]
+    for (cell, steps, label), gaps in sorted(rows.items()):
+        gaps.sort()
+        values = [g for _, g, _ in gaps]
+        spread = f"{statistics.stdev(values):.2%}" if len(values) > 1 else ""
+        lines.append(f"| {cell} | {steps} | {label} | " + ", ".join(f"{s}: {g:+.2%} ({n:.1f})" for s, g, n in gaps)
+                     + f" | {statistics.mean(values):+.2%} | {spread} |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every (cell, seed, variant) not yet in ``--out``, ``--parallel`` at a time; write JSON and table."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -104,8 +127,9 @@ def main(argv: list[str] | None = None) -> int:
             out.write_text(json.dumps(done) + "\n")
             print(f"{result['cell']} seed {result['seed']} {result['variant']}: held-out "
                   f"{[x for x in result['records'] if 'eval_loss' in x][-1]['eval_loss']:.4f}", flush=True)
-    out.with_suffix(".md").write_text(table(done))
-    print(table(done))
+    report = table(done) + "\n" + seed_summary(done)
+    out.with_suffix(".md").write_text(report)
+    print(report)
     return 0
 
 

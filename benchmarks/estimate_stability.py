@@ -45,11 +45,32 @@ RULES: dict[str, Row | None] = {
     "G~_t + G_(t-1)": lambda a, b: [1.0, -b, -(1 - b) * a / 2, -(1 - b) * a / 2],  # previous commit's 2nd half
     "momentum": lambda a, b: [1.0, -1.0, 0.0, 0.0],  # gradient predicted by the momentum alone
     "none (stale half)": lambda a, b: [1.0, 0.0, 0.0, 0.0],  # next half computed at theta_t: one step stale
-    "carry 0.25": lambda a, b: [0.75, -b, -(1 - b) * a + 0.25, 0.0],  # paper + k (x~ - x)
-    "carry 0.5": lambda a, b: [0.5, -b, -(1 - b) * a + 0.5, 0.0],
-    "carry 0.9": lambda a, b: [0.1, -b, -(1 - b) * a + 0.9, 0.0],
+    "carry 0.25": lambda a, b: _shift(1.0, 0.25)(a, b),  # paper + k (x~ - x)
+    "carry 0.5": lambda a, b: _shift(1.0, 0.5)(a, b),
+    "carry 0.9": lambda a, b: _shift(1.0, 0.9)(a, b),
+    "shift 1.1, 0.2": lambda a, b: _shift(1.1, 0.2)(a, b),  # x + s (paper - x) + k (x~ - x)
+    "shift 1.1, 0.5": lambda a, b: _shift(1.1, 0.5)(a, b),
+    "shift 1.2, 0.5": lambda a, b: _shift(1.2, 0.5)(a, b),
 }
 """Estimate rules: how the point of the next half-batch's gradients is formed (None: ZeRO-1)."""
+
+NOISE: dict[str, Callable[[float], float]] = {
+    "paper": lambda b: -(1 - b),
+    "damped 0.5": lambda b: -0.5 * (1 - b),
+    "momentum": lambda b: 0.0,
+    "none (stale half)": lambda b: 0.0,
+    **{name: (lambda b: -(1 - b)) for name in ("carry 0.25", "carry 0.5", "carry 0.9")},
+    "shift 1.1, 0.2": lambda b: -1.1 * (1 - b),
+    "shift 1.1, 0.5": lambda b: -1.1 * (1 - b),
+    "shift 1.2, 0.5": lambda b: -1.2 * (1 - b),
+}
+"""How much of the first half-batch's gradient noise each rule's x~' takes (rules that also take older noise,
+``G~_t + G_(t-1)``, are left out of the noise table)."""
+
+
+def _shift(s: float, k: float) -> Row:
+    """x~' = x + s (Opt(x, G~) - x) + k (x~ - x): the paper's update scaled by s plus a carry k of the offset."""
+    return lambda a, b: [1.0 - k, -s * b, -s * (1 - b) * a + k, 0.0]
 
 
 def step_matrix(rule: str, a: float, b: float) -> np.ndarray:
@@ -66,6 +87,29 @@ def step_matrix(rule: str, a: float, b: float) -> np.ndarray:
     m_row = [(1 - b) * a / 2, b, (1 - b) * a / 2, 0.0]
     x_row = [1 - m_row[0], -b, -m_row[2], 0.0]
     return np.array([x_row, m_row, estimate(a, b), [1.0, 0.0, 0.0, 0.0]])
+
+
+def noise_matrix(rule: str, b: float) -> np.ndarray:
+    """How the two half-batches' gradient noises ``(n1, n2)`` (unit variance each) enter ``(x, m, x~, x_prev)``.
+
+    The commit (and ZeRO-1, and DPU's single round) averages both halves: ``m`` takes ``(1 - b) / 2`` of each,
+    ``x`` minus that; the estimate takes ``NOISE[rule]`` of the first half's noise, the one it computed.
+    """
+    m_row = [(1 - b) / 2, (1 - b) / 2]
+    x_row = [-(1 - b) / 2, -(1 - b) / 2]
+    est = x_row if RULES[rule] is None else [NOISE[rule](b), 0.0]
+    return np.array([x_row, m_row, est, [0.0, 0.0]])
+
+
+def stationary_excess(rule: str, a: float, b: float) -> float:
+    """E[x^2] once steady, with gradient noise, in the direction of step ``a``: the excess loss it leaves (inf if
+    unstable). ``Sigma = A Sigma A^T + N N^T`` solved as a linear system in ``vec(Sigma)``."""
+    A, N = step_matrix(rule, a, b), noise_matrix(rule, b)
+    if float(max(abs(np.linalg.eigvals(A)))) >= 1.0 - 1e-9:
+        return float("inf")
+    n = A.shape[0]
+    sigma = np.linalg.solve(np.eye(n * n) - np.kron(A, A), (N @ N.T).reshape(-1)).reshape(n, n)
+    return float(sigma[0, 0])
 
 
 def edge_of_stability(rule: str, b: float, a_max: float = 200.0, tol: float = 1e-6) -> float:
@@ -95,6 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     for rule in RULES:
         edge = edge_of_stability(rule, args.beta1)
         print(f"| {rule} | {edge:.2f} | {edge / zero1:.2f} |")
+    steps = (2.0, 5.0, 10.0, 15.0, 18.0, 22.0)
+    print(f"\n| estimate rule (beta1 = {args.beta1}) | E[x^2] under gradient noise relative to ZeRO-1's, a = "
+          + " / ".join(f"{a:g}" for a in steps) + " |\n|---|---|")
+    for rule in ("zero1", "dpu", *NOISE):
+        ratios = [stationary_excess(rule, a, args.beta1) / stationary_excess("zero1", a, args.beta1) for a in steps]
+        print(f"| {rule} | " + " / ".join("unstable" if r == float("inf") else f"{r:.2f}" for r in ratios) + " |")
     return 0
 
 

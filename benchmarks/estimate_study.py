@@ -13,9 +13,10 @@ theta_{t+1}, relative to the step theta_{t+1} - theta_t, and the gradient norms 
 One JSON line per committed step: ``step, lr, train_loss, est_dist_rel, est_cos, gnorm_first,
 gnorm_second, clip`` (+ ``eval_loss`` at evaluation steps). ``--oracle_lambda L`` replaces the
 estimate by theta_{t+1} + L * (paper estimate - theta_{t+1}) (it computes the commit first, which the
-real schedule cannot): it measures how the gap scales with the estimate's error. ``--carry K`` shifts the
-estimate by K times the previous estimate's offset from the committed weights (it raises the edge of
-stability: ``benchmarks/estimate_stability.py``).
+real schedule cannot): it measures how the gap scales with the estimate's error. ``--shift S,K1,K2``
+scales the estimate's update by S and adds K1 (K2) times the offset theta~ - theta of the previous
+(second previous) estimate: ``1,K,0`` is the carry K that raises the edge of stability, ``S > 1`` an
+extrapolated (look-ahead) estimate (``benchmarks/estimate_stability.py``).
 """
 
 from __future__ import annotations
@@ -55,9 +56,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_model_data_arguments(p)
     p.add_argument("--method", choices=("zero1", "acco", "dpu"), default="acco")
     p.add_argument("--estimate", choices=sorted(ESTIMATES), default="paper", help="how ACCO forms theta~")
-    p.add_argument("--carry", type=float, default=0.0,
-                   help="theta~_{t+1} = Opt(theta_t, G~_t) + CARRY * (theta~_t - theta_t), theta~_t being where "
-                        "G~_t was computed (see benchmarks/estimate_stability.py)")
+    p.add_argument("--shift", type=_shift, default=(1.0, 0.0, 0.0), metavar="S,K1,K2",
+                   help="theta~_{t+1} = theta_t + S (Opt(theta_t, G~_t) - theta_t) + K1 (theta~_t - theta_t) "
+                        "+ K2 (theta~_{t-1} - theta_{t-1}), theta~_t being where G~_t was computed; 1,0,0 is the "
+                        "paper's, 1,K,0 the carry K of benchmarks/estimate_stability.py")
     p.add_argument("--oracle_lambda", type=float, default=None,
                    help="theta~ = theta_{t+1} + L * (paper estimate - theta_{t+1}); needs the commit first")
     p.add_argument("--world", type=int, default=2, help="simulated data-parallel ranks")
@@ -75,6 +77,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="JSON lines, one per committed step")
     args = p.parse_args(argv)
     return finish_model_data_arguments(args)
+
+
+def _shift(text: str) -> tuple[float, float, float]:
+    """Parse ``S,K1,K2`` (``--shift``)."""
+    values = tuple(float(v) for v in text.split(","))
+    if len(values) != 3:
+        raise argparse.ArgumentTypeError(f"--shift takes S,K1,K2 (three numbers), got {text!r}")
+    return values  # type: ignore[return-value]
 
 
 def warmup_lr(max_lr: float, warmup: int) -> Callable[[int], float]:
@@ -168,12 +178,17 @@ def run_study(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
         return
     computed_at = sim.snapshot_params()
     est_sums = sim.accumulate(computed_at, per_round)
+    scale, carry, carry2 = args.shift
+    offset_prev = [torch.zeros_like(m) for m in sim.master]  # theta~_{t-1} - theta_{t-1}
     for t in range(args.steps):
         theta_t = sim.snapshot_params()
         if args.oracle_lambda is None:
             estimate = sim.tentative_step(*estimate_gradient(args.estimate, sim, *est_sums, t), t)
-            if args.carry:
-                estimate = [e + args.carry * (p - x) for e, p, x in zip(estimate, computed_at, theta_t, strict=True)]
+            offset = [p - x for p, x in zip(computed_at, theta_t, strict=True)]
+            if args.shift != (1.0, 0.0, 0.0):
+                estimate = [x + scale * (e - x) + carry * o + carry2 * q
+                            for e, x, o, q in zip(estimate, theta_t, offset, offset_prev, strict=True)]
+            offset_prev = offset
             second = sim.accumulate(theta_t, per_round)
         else:  # needs G_t before theta~: only a simulation can do this
             second = sim.accumulate(theta_t, per_round)

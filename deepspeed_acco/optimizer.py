@@ -34,7 +34,7 @@ from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from deepspeed.utils import logger
 
 from deepspeed_acco import pipeline_state
-from deepspeed_acco.config import AccoConfig
+from deepspeed_acco.config import ESTIMATE_SHIFTS, AccoConfig
 from deepspeed_acco.metrics import MetricsLog, StepMetrics
 from deepspeed_acco.pipeline import (
     AccoCommWorker,
@@ -121,10 +121,13 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
             shadow_flats=shadows, group=self._acco_group, rank=self._rank, world_size=self._world,
             comm_dtype=self.communication_data_type, clip_grad=float(self.clip_grad),
             compression=acco_config.estimate_compression if self._mode == "acco" else "none",
-            block=acco_config.compression_block_size, stream=self._stream)
-        if acco_config.estimate_compression != "none" and self._mode != "acco":
-            logger.warning(f"ACCO: acco.estimate_compression={acco_config.estimate_compression!r} is ignored in "
-                           f"acco.mode={self._mode!r} (it has no estimate round)")
+            block=acco_config.compression_block_size, estimate_shift=ESTIMATE_SHIFTS[acco_config.estimate],
+            stream=self._stream)
+        for key, default in (("estimate_compression", "none"), ("estimate", "paper")):
+            if getattr(acco_config, key) != default and self._mode != "acco":
+                logger.warning(f"ACCO: acco.{key}={getattr(acco_config, key)!r} is ignored in "
+                               f"acco.mode={self._mode!r} (it has no estimate round)")
+        self._shift_estimate = self._mode == "acco" and acco_config.estimate != "paper"
         self._compress = self._round.compression != "none"
         self._estimate_loss_scale = 1.0  # loss scale of the estimate half whose residual the commit takes
         self._shadows = shadows
@@ -295,6 +298,9 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         record.compute_s += now - self._half_start
         loss_scale = float(self.loss_scale)
         finishing = self._in_flight.spec.kind if self._in_flight is not None else None
+        # Where this estimate half's gradients were computed (theta~_t), before theta_t is loaded over it.
+        estimate_at = [self._partition(flat).to(torch.float32, copy=True) for flat in self.bit16_groups_flat] \
+            if kind is RoundKind.ESTIMATE and self._shift_estimate else []
         if self._in_flight is not None:
             self._finish_round(self._wait_in_flight())
             self._raise_if_nonfinite_persists()
@@ -310,6 +316,7 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
                          hyperparams=[{k: v for k, v in g.items() if k not in _HYPERPARAM_SKIP}
                                       for g in self.optimizer.param_groups],
                          base_flats=list(self.bit16_groups_flat) if kind is RoundKind.ESTIMATE else [],
+                         estimate_at=estimate_at,
                          loss_divisor=self._loss_divisor(kind), ready_event=ready,
                          lr_nominal_per_half=self._world * self._min_micro if self._lr_sqrt else 0,
                          lr_max_kappa=self._max_micro / self._min_micro)
@@ -327,6 +334,11 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         if self._mode == "acco":
             self._next_kind = RoundKind.COMMIT if kind is RoundKind.ESTIMATE else RoundKind.ESTIMATE
         self._half_start = time.perf_counter()
+
+    def _partition(self, flat: torch.Tensor) -> torch.Tensor:
+        """This rank's ZeRO-1 partition of a flat (the part its fp32 master shard mirrors)."""
+        size = flat.numel() // self._world
+        return flat.narrow(0, self._rank * size, size)
 
     def _add_residual(self, grads: list[torch.Tensor], loss_scale: float) -> None:
         """Compressed estimate: add what its quantization lost (left in the estimate's buffer) to the commit's

@@ -110,6 +110,9 @@ class RoundSpec:
     base_flats: list[torch.Tensor] = field(default_factory=list)
     """The live flat parameters theta_t at an estimate's launch (read, never written, by the worker): a
     compressed estimate rebuilds theta~ = theta_t + deQ(Q(update)) from them on every rank."""
+    estimate_at: list[torch.Tensor] = field(default_factory=list)
+    """An estimate with ``acco.estimate="extrapolated"``: this rank's fp32 partition of each flat where the
+    estimate half's gradients were computed (theta~_t), copied before theta_t was loaded. Empty otherwise."""
     loss_divisor: float = 1.0
     """What each micro-batch's loss was divided by before its backward (``gradient_accumulation_steps``
     as DeepSpeed's backward divides it; the step's micro-batch count for a caller that normalized a
@@ -208,7 +211,7 @@ class ShardedRound:
     def __init__(self, *, base_optimizer: torch.optim.Optimizer, master_shards: list[torch.Tensor],
                  shadow_flats: list[torch.Tensor], group: Any, rank: int, world_size: int,
                  comm_dtype: torch.dtype, clip_grad: float, compression: str = "none", block: int = 256,
-                 stream: Any = None) -> None:
+                 estimate_shift: tuple[float, float] = (1.0, 0.0), stream: Any = None) -> None:
         self.base_optimizer = base_optimizer
         self.master_shards = master_shards
         self.shadow_flats = shadow_flats
@@ -219,6 +222,7 @@ class ShardedRound:
         self.clip_grad = clip_grad
         self.compression = compression
         self.block = block
+        self.estimate_shift = estimate_shift
         self.stream = stream
         self._carried: list[torch.Tensor] | None = None
         self._carried_count = 0
@@ -256,6 +260,8 @@ class ShardedRound:
             lr_factor = _lr_factor(spec, total, halves)
             with _timed(phase, phase_cpu, "step"):
                 stepped = self._step_shard(spec, sums, total, norm, overflow, lr_factor)
+                if spec.estimate_at and not overflow:
+                    stepped = self._shifted(stepped, spec.estimate_at)
             with _timed(phase, phase_cpu, "all_gather"):
                 if self._compressed(spec):
                     self._all_gather_quantized_update(spec, stepped)
@@ -366,6 +372,13 @@ class ShardedRound:
         if saved is not None:
             restore_state(self.base_optimizer, self.master_shards, saved)
         return stepped
+
+    def _shifted(self, stepped: list[torch.Tensor], estimate_at: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The extrapolated estimate: theta_t + s (Opt(theta_t, G~_t) - theta_t) + k (theta~_t - theta_t), shard-wise
+        (``acco.estimate``; the master shards still hold theta_t)."""
+        scale, carry = self.estimate_shift
+        return [master + scale * (shard - master) + carry * (at - master)
+                for shard, at, master in zip(stepped, estimate_at, self.master_shards)]
 
     def _all_gather_params(self, stepped: list[torch.Tensor]) -> None:
         for flat, shard in zip(self.shadow_flats, stepped):

@@ -91,9 +91,10 @@ def build_model(args: argparse.Namespace, vocab_size: int, eot_id: int) -> torch
     torch.manual_seed(args.seed)
     model = AutoModelForCausalLM.from_config(config)
     if getattr(args, "perturb_init", 0.0):
+        noise = torch.Generator().manual_seed(args.seed + 1)
         with torch.no_grad():
             for param in model.parameters():
-                param.mul_(1.0 + args.perturb_init)
+                param.mul_(1.0 + args.perturb_init * torch.randn(param.shape, generator=noise))
     return model
 
 
@@ -325,8 +326,9 @@ def add_model_data_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default: the preset's)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--perturb_init", type=float, default=0.0,
-                   help="multiply the initial weights by (1 + this): a rounding-level twin of a run, which measures "
-                        "how far two runs that should be equal drift apart (the noise floor of a paired comparison)")
+                   help="multiply each initial weight by (1 + this x a standard normal draw): a rounding-level "
+                        "twin of a run in a random direction, which measures how far two runs that should be "
+                        "equal drift apart (the noise floor of a paired comparison)")
     p.add_argument("--local_rank", type=int, default=-1, help="passed by the deepspeed launcher; unused")
 
 

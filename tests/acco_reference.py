@@ -366,6 +366,7 @@ def reference_train(
     lr_scaling: Literal["none", "sqrt"] = "none",
     max_micro_batches_per_round: int | None = None,
     lr_factors: list[float] | None = None,
+    estimate_shift: tuple[float, float] = (1.0, 0.0),
 ) -> dict[str, torch.Tensor]:
     """Simulate ``len(batches)`` data-parallel ranks and return the committed parameters.
 
@@ -410,6 +411,10 @@ def reference_train(
             sqrt(kappa) times the LR.
         max_micro_batches_per_round: the per-rank cap of a round, bounding kappa.
         lr_factors: if given, a list the factor of every round is appended to (in round order).
+        estimate_shift: ``(s, k)``: the estimate is theta_t + s (Opt(theta_t, G~_t) - theta_t)
+            + k (theta~_t - theta_t), theta~_t being where G~_t was computed (theta_t itself at the start
+            and after a restart); ``(1, 0)`` is the paper's estimate, ``acco.estimate="extrapolated"``
+            is ``(1.1, 0.2)``. Compressed: the quantized update is this whole shift.
 
     Returns:
         ``theta_T`` as ``name -> fp32 tensor`` in ``model.named_parameters()`` order.
@@ -478,6 +483,10 @@ def reference_train(
             # Meanwhile the compute side accumulates G_t at theta_t.
             theta_t = sim.snapshot_params()
             theta_est = sim.tentative_step(first_sums, first_count, t, factor(first_count, 1))
+            if estimate_shift != (1.0, 0.0):
+                s, k = estimate_shift
+                theta_est = [x + s * (e - x) + k * (c - x)
+                             for e, x, c in zip(theta_est, theta_t, compute_at, strict=True)]
             if compressed:
                 flat_t = _padded(torch.cat([x.reshape(-1) for x in theta_t]), num_ranks)
                 update = _padded(torch.cat([x.reshape(-1) for x in theta_est]), num_ranks) - flat_t

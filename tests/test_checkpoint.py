@@ -32,6 +32,7 @@ STEPS = 6  # committed steps of every run
 SAVE_STEP = 3  # the step-boundary checkpoint is taken after this many committed steps
 NUM_MICRO = STEPS * GA + 8
 ACCO_CFG = base_config(GA, LR, acco={"enabled": True})
+EXTRAP_CFG = base_config(GA, LR, acco={"enabled": True, "estimate": "extrapolated"})
 DPU_CFG = base_config(GA, LR, acco={"enabled": True, "mode": "dpu"})
 PLAIN_CFG = base_config(GA, LR)
 BF16_CFG = base_config(GA, LR, bf16={"enabled": True}, acco={"enabled": True})
@@ -187,6 +188,9 @@ def saved(ckpt_root: Path) -> dict[str, list[dict[str, Any]]]:
     jobs = {
         "acco": {"cfg": ACCO_CFG, "steps": STEPS},
         "acco_saving": {"cfg": ACCO_CFG, "steps": STEPS, "saves": acco_saves},
+        "extrap": {"cfg": EXTRAP_CFG, "steps": STEPS},
+        "extrap_saving": {"cfg": EXTRAP_CFG, "steps": STEPS,
+                          "saves": {n: (str(ckpt_root / "extrap"), MID_POINTS[n]) for n in (13, 14)}},
         "dpu": {"cfg": DPU_CFG, "steps": STEPS},
         "dpu_saving": {"cfg": DPU_CFG, "steps": STEPS, "saves": {BOUNDARY: (dpu_dir, "step3")}},
         "bf16": {"cfg": BF16_CFG, "steps": STEPS, "dtype": torch.bfloat16},
@@ -234,6 +238,8 @@ def resumed(saved: Any, crashed: Any, ckpt_root: Path) -> dict[str, list[dict[st
         "step3": {"cfg": ACCO_CFG, "steps": STEPS, "load": (acco_dir, "step3")},
         **{tag: {"cfg": ACCO_CFG, "steps": STEPS, "load": (acco_dir, tag)} for tag in MID_POINTS.values()},
         "dpu_step3": {"cfg": DPU_CFG, "steps": STEPS, "load": (dpu_dir, "step3")},
+        **{f"extrap_{tag}": {"cfg": EXTRAP_CFG, "steps": STEPS, "load": (str(ckpt_root / "extrap"), tag)}
+           for tag in ("mid13", "mid14")},
         "bf16_mid15": {"cfg": BF16_CFG, "steps": STEPS, "dtype": torch.bfloat16,
                        "load": (str(ckpt_root / "bf16"), "mid15")},
         "after_crash": {"cfg": ACCO_CFG, "steps": STEPS, "load": (str(ckpt_root / "crash"), None)},
@@ -314,12 +320,13 @@ def test_checkpoint_holds_committed_state(saved: dict[str, Any]) -> None:
 
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("job,base", [("step3", "acco"), ("mid13", "acco"), ("mid14", "acco"), ("mid15", "acco"),
-                                      ("dpu_step3", "dpu")])
+                                      ("dpu_step3", "dpu"), ("extrap_mid13", "extrap"), ("extrap_mid14", "extrap")])
 def test_resume_in_new_processes_is_exact(saved: dict[str, Any], resumed: dict[str, Any], job: str,
                                           base: str) -> None:
-    """Loading in new processes continues exactly as the uninterrupted run (params, steps, metrics, counters)."""
-    saving = "dpu_saving" if base == "dpu" else "acco_saving"
-    tag = "step3" if job == "dpu_step3" else job
+    """Loading in new processes continues exactly as the uninterrupted run (params, steps, metrics, counters); with
+    acco.estimate="extrapolated" too (the offset comes from the live parameters, which the checkpoint holds)."""
+    saving = f"{base}_saving"
+    tag = "step3" if job == "dpu_step3" else job.removeprefix("extrap_")
     for rank in range(WORLD):
         run, ref = job_result(resumed, job)[rank], job_result(saved, base)[rank]
         at_save = job_result(saved, saving)[rank]["saved"][tag]

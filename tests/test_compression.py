@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 import torch
 
+from deepspeed_acco.config import ESTIMATE_SHIFTS
 from tests.acco_reference import int8_roundtrip, reference_train
 from tests.dist_utils import job_result, run_distributed
 from tests.test_checkpoint import GA, LR, NUM_MICRO, SEED, STEPS, run_ckpt_jobs
@@ -44,6 +45,7 @@ JOBS: dict[str, tuple[Any, ...]] = {
                       3, SEED, {"slow_s": 0.15}),
     "int8_forced": (base_config(GA, LR, **_int8(16)), 5, SEED, {"force_in_step": {1: 3, 2: 2, 3: 1}}),
     "none": (base_config(GA, LR, acco={"enabled": True}), 4, SEED),
+    "int8_extrapolated": (base_config(GA, LR, **_int8(16, estimate="extrapolated")), 4, SEED),
 }
 LOW_PRECISION = {
     "int8_bf16": (base_config(GA, 3e-2, bf16={"enabled": True}, **_int8(16)), 8, SEED, {"dtype": "bf16", "repeat": 2}),
@@ -114,6 +116,15 @@ def test_int8_matches_reference(runs: dict[str, list[Any]], job: str, block: int
     assert _identical(result)
     if job == "int8":
         assert all(all(r["rollback_checks"]) and len(r["rollback_checks"]) == 4 for r in result)
+
+
+def test_int8_extrapolated_matches_reference(runs: dict[str, list[Any]]) -> None:
+    """The compressed estimate sends the whole extrapolated update (acco.estimate="extrapolated"), quantized."""
+    expected = _reference(2, 4, 16, estimate_shift=ESTIMATE_SHIFTS["extrapolated"])
+    diff = _max_diff(job_result(runs, "int8_extrapolated")[0]["params"], expected)
+    print(f"PARITY int8_extrapolated vs reference: max |diff| = {diff:.3e}")
+    assert diff < TOL
+    assert _identical(job_result(runs, "int8_extrapolated"))
 
 
 def test_int8_matches_reference_at_world_size_3(world3: dict[str, list[Any]]) -> None:

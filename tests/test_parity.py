@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 import torch
 
+from deepspeed_acco.config import ESTIMATE_SHIFTS
 from tests.acco_reference import reference_train
 from tests.dist_utils import JobFailure, job_result, run_distributed
 from tests.workers import DEEPSPEED_DEFAULT_CLIP, base_config, loss_fn, make_batches, make_model, run_jobs
@@ -55,6 +56,11 @@ JOBS: dict[str, tuple[Any, ...]] = {
     "forced_acco": (base_config(GA, LR, **_acco()), 5, SEED, {"force_in_step": {1: 3, 2: 2, 3: 1}}),
     "forced_acco_prescaled": (base_config(GA, LR, **_acco()), 5, SEED, {"force_in_step": {3: 1}, "prescaled": True}),
     "forced_dpu": (base_config(GA, LR, **_acco(mode="dpu")), 4, SEED, {"force_in_step": {1: 3, 2: 1}}),
+    # acco.estimate="extrapolated": the estimate shifted from where the last half was computed; a step ended
+    # inside an estimate half (step 2) restarts the pipeline, so the next estimate starts from no offset.
+    "extrapolated": (base_config(GA, LR, **_acco(estimate="extrapolated")), 5, SEED),
+    "forced_extrapolated": (base_config(GA, LR, **_acco(estimate="extrapolated")), 5, SEED,
+                            {"force_in_step": {1: 3, 2: 1}}),
     "forced_adaptive": (ADAPTIVE[0], 5, SEED, {"slow_s": 0.15, "force_in_step": {1: 3, 2: 4, 3: 1}}),
 }
 LOW_PRECISION_JOBS: dict[str, tuple[Any, ...]] = {
@@ -318,6 +324,24 @@ def test_caller_forced_boundaries(runs: dict[str, Any], job: str, mode: str) -> 
     assert diff < TOL
     assert _ranks_identical(result)
     assert result[0]["global_steps"] == len(rounds)
+
+
+@pytest.mark.parametrize("job", ["extrapolated", "forced_extrapolated"])
+def test_extrapolated_estimate_matches_reference(runs: dict[str, Any], job: str) -> None:
+    """acco.estimate="extrapolated" equals the reference's estimate_shift (1.1, 0.2), also across a restart, and
+    differs from the paper's estimate by far more than the tolerance (the rule is in effect)."""
+    result = job_result(runs, job)
+    rounds = [m["round_counts"] for m in result[0]["metrics"]]
+    expected = _reference("acco", steps=len(rounds), step_rounds=rounds,
+                          estimate_shift=ESTIMATE_SHIFTS["extrapolated"])
+    diff = _max_diff(result[0]["params"], expected)
+    apart = _max_diff(expected, _reference("acco", steps=len(rounds), step_rounds=rounds))
+    print(f"PARITY {job} vs reference (1.1, 0.2): max |diff| = {diff:.3e}; paper's estimate ends {apart:.3e} away")
+    assert diff < TOL
+    assert apart > 10 * TOL
+    assert _ranks_identical(result)
+    if job == "forced_extrapolated":
+        assert [1, 1] in [r for step in rounds for r in step if len(step) == 1], rounds  # a restart happened
 
 
 def test_caller_normalized_short_steps(runs: dict[str, Any]) -> None:
