@@ -45,32 +45,31 @@ RULES: dict[str, Row | None] = {
     "G~_t + G_(t-1)": lambda a, b: [1.0, -b, -(1 - b) * a / 2, -(1 - b) * a / 2],  # previous commit's 2nd half
     "momentum": lambda a, b: [1.0, -1.0, 0.0, 0.0],  # gradient predicted by the momentum alone
     "none (stale half)": lambda a, b: [1.0, 0.0, 0.0, 0.0],  # next half computed at theta_t: one step stale
-    "carry 0.25": lambda a, b: _shift(1.0, 0.25)(a, b),  # paper + k (x~ - x)
-    "carry 0.5": lambda a, b: _shift(1.0, 0.5)(a, b),
-    "carry 0.9": lambda a, b: _shift(1.0, 0.9)(a, b),
-    "shift 1.1, 0.2": lambda a, b: _shift(1.1, 0.2)(a, b),  # x + s (paper - x) + k (x~ - x)
-    "shift 1.1, 0.5": lambda a, b: _shift(1.1, 0.5)(a, b),
-    "shift 1.2, 0.5": lambda a, b: _shift(1.2, 0.5)(a, b),
 }
 """Estimate rules: how the point of the next half-batch's gradients is formed (None: ZeRO-1)."""
+
+SHIFTS: dict[str, tuple[float, float]] = {"carry 0.25": (1.0, 0.25), "carry 0.5": (1.0, 0.5), "carry 0.9": (1.0, 0.9),
+                                          "shift 1.1, 0.2": (1.1, 0.2), "shift 1.1, 0.5": (1.1, 0.5),
+                                          "shift 1.2, 0.5": (1.2, 0.5)}
+"""x~' = x + s (Opt(x, G~) - x) + k (x~ - x), as (s, k): the paper's update scaled by s plus a carry k of the
+offset (``acco.estimate="extrapolated"`` is s 1.1, k 0.2)."""
+
+
+def _shift_row(s: float, k: float) -> Row:
+    return lambda a, b: [1.0 - k, -s * b, -s * (1 - b) * a + k, 0.0]
+
+
+RULES.update({name: _shift_row(s, k) for name, (s, k) in SHIFTS.items()})
 
 NOISE: dict[str, Callable[[float], float]] = {
     "paper": lambda b: -(1 - b),
     "damped 0.5": lambda b: -0.5 * (1 - b),
     "momentum": lambda b: 0.0,
     "none (stale half)": lambda b: 0.0,
-    **{name: (lambda b: -(1 - b)) for name in ("carry 0.25", "carry 0.5", "carry 0.9")},
-    "shift 1.1, 0.2": lambda b: -1.1 * (1 - b),
-    "shift 1.1, 0.5": lambda b: -1.1 * (1 - b),
-    "shift 1.2, 0.5": lambda b: -1.2 * (1 - b),
+    **{name: (lambda b, s=s: -s * (1 - b)) for name, (s, _) in SHIFTS.items()},
 }
 """How much of the first half-batch's gradient noise each rule's x~' takes (rules that also take older noise,
 ``G~_t + G_(t-1)``, are left out of the noise table)."""
-
-
-def _shift(s: float, k: float) -> Row:
-    """x~' = x + s (Opt(x, G~) - x) + k (x~ - x): the paper's update scaled by s plus a carry k of the offset."""
-    return lambda a, b: [1.0 - k, -s * b, -s * (1 - b) * a + k, 0.0]
 
 
 def step_matrix(rule: str, a: float, b: float) -> np.ndarray:

@@ -184,11 +184,11 @@ def run_study(args: argparse.Namespace) -> Iterator[dict[str, Any]]:
         theta_t = sim.snapshot_params()
         if args.oracle_lambda is None:
             estimate = sim.tentative_step(*estimate_gradient(args.estimate, sim, *est_sums, t), t)
-            offset = [p - x for p, x in zip(computed_at, theta_t, strict=True)]
             if args.shift != (1.0, 0.0, 0.0):
+                offset = [p - x for p, x in zip(computed_at, theta_t, strict=True)]
                 estimate = [x + scale * (e - x) + carry * o + carry2 * q
                             for e, x, o, q in zip(estimate, theta_t, offset, offset_prev, strict=True)]
-            offset_prev = offset
+                offset_prev = offset
             second = sim.accumulate(theta_t, per_round)
         else:  # needs G_t before theta~: only a simulation can do this
             second = sim.accumulate(theta_t, per_round)

@@ -43,6 +43,7 @@ from deepspeed_acco.pipeline import (
     RoundResult,
     RoundSpec,
     ShardedRound,
+    rank_partition,
 )
 from deepspeed_acco.pipeline_state import ACCO_STATE_KEY
 
@@ -299,8 +300,10 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         loss_scale = float(self.loss_scale)
         finishing = self._in_flight.spec.kind if self._in_flight is not None else None
         # Where this estimate half's gradients were computed (theta~_t), before theta_t is loaded over it.
-        estimate_at = [self._partition(flat).to(torch.float32, copy=True) for flat in self.bit16_groups_flat] \
-            if kind is RoundKind.ESTIMATE and self._shift_estimate else []
+        estimate_at: list[torch.Tensor] = []
+        if kind is RoundKind.ESTIMATE and self._shift_estimate:
+            estimate_at = [rank_partition(flat, self._rank, self._world).to(torch.float32, copy=True)
+                           for flat in self.bit16_groups_flat]
         if self._in_flight is not None:
             self._finish_round(self._wait_in_flight())
             self._raise_if_nonfinite_persists()
@@ -334,11 +337,6 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         if self._mode == "acco":
             self._next_kind = RoundKind.COMMIT if kind is RoundKind.ESTIMATE else RoundKind.ESTIMATE
         self._half_start = time.perf_counter()
-
-    def _partition(self, flat: torch.Tensor) -> torch.Tensor:
-        """This rank's ZeRO-1 partition of a flat (the part its fp32 master shard mirrors)."""
-        size = flat.numel() // self._world
-        return flat.narrow(0, self._rank * size, size)
 
     def _add_residual(self, grads: list[torch.Tensor], loss_scale: float) -> None:
         """Compressed estimate: add what its quantization lost (left in the estimate's buffer) to the commit's

@@ -49,6 +49,7 @@ __all__ = [
     "ShardedRound",
     "AccoCommWorker",
     "describe_round_error",
+    "rank_partition",
 ]
 
 
@@ -62,6 +63,12 @@ class AccoRoundTimeout(AccoRoundError):
 
 _PEER_FAILURE_MARKERS = ("connection closed by peer", "connection reset", "broken pipe", "timed out",
                          "connection refused", "socket closed")
+
+
+def rank_partition(flat: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
+    """``rank``'s ZeRO-1 partition of a padded flat buffer (a view; the part its fp32 master shard mirrors)."""
+    size = flat.numel() // world_size
+    return flat.narrow(0, rank * size, size)
 
 
 def describe_round_error(err: BaseException) -> str:
@@ -232,10 +239,6 @@ class ShardedRound:
         self._carried = None
         self._carried_count = 0
 
-    def _shard(self, flat: torch.Tensor) -> torch.Tensor:
-        size = flat.numel() // self.world_size
-        return flat.narrow(0, self.rank * size, size)
-
     def _compressed(self, spec: RoundSpec) -> bool:
         return spec.kind is RoundKind.ESTIMATE and self.compression == "int8"
 
@@ -382,7 +385,7 @@ class ShardedRound:
 
     def _all_gather_params(self, stepped: list[torch.Tensor]) -> None:
         for flat, shard in zip(self.shadow_flats, stepped):
-            own = self._shard(flat)
+            own = rank_partition(flat, self.rank, self.world_size)
             own.copy_(shard)
             dist.all_gather_into_tensor(flat, own, group=self.group)
             self._bytes += self._ring_bytes(flat.numel(), flat.element_size())

@@ -47,7 +47,7 @@ from deepspeed import comm as dist
 from deepspeed.utils import logger
 
 from deepspeed_acco.metrics import StepMetrics
-from deepspeed_acco.pipeline import AccoRoundError, RoundHandle, RoundKind, RoundResult, RoundSpec
+from deepspeed_acco.pipeline import AccoRoundError, RoundHandle, RoundKind, RoundResult, RoundSpec, rank_partition
 
 if TYPE_CHECKING:
     from deepspeed_acco.optimizer import AccoZeroOptimizer
@@ -126,8 +126,7 @@ def _saved_partitions(opt: AccoZeroOptimizer, flats: list[torch.Tensor]) -> list
     """This rank's partition of each flat, or None where it equals the (saved) fp32 master cast to its dtype."""
     out: list[torch.Tensor | None] = []
     for flat, master in zip(flats, opt.single_partition_of_fp32_groups):
-        size = flat.numel() // opt._world
-        part = flat.narrow(0, opt._rank * size, size)
+        part = rank_partition(flat, opt._rank, opt._world)
         out.append(None if torch.equal(part, master.detach().to(part.dtype)) else part.detach().cpu().clone())
     return out
 

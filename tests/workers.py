@@ -214,7 +214,7 @@ def _watch_compression(optimizer: Any, record: dict[str, list[Any]]) -> None:
     """
     import torch.distributed as torch_dist
 
-    from deepspeed_acco.pipeline import RoundKind
+    from deepspeed_acco.pipeline import RoundKind, rank_partition
 
     sharded = optimizer._round
     raw: dict[str, Any] = {}
@@ -238,7 +238,7 @@ def _watch_compression(optimizer: Any, record: dict[str, list[Any]]) -> None:
         if spec.kind is RoundKind.COMMIT and "estimate_half" in raw and "commit_half" in raw:
             exact = raw.pop("estimate_half")[0] + raw.pop("commit_half")[0]
             torch_dist.all_reduce(exact, group=sharded.group)
-            mine = sharded._shard(exact) / spec.loss_scale
+            mine = rank_partition(exact, sharded.rank, sharded.world_size) / spec.loss_scale
             record["commit_vs_exact"].append(float((sums[0] - mine).abs().max() / mine.abs().max()))
         return step_shard(spec, sums, *args)
 
@@ -251,7 +251,8 @@ def _watch_compression(optimizer: Any, record: dict[str, list[Any]]) -> None:
         update = (new - master).view(-1)
         block = sharded.block
         bound = torch.stack([chunk.abs().max() / 254 for chunk in update.split(block)])
-        error = (sharded._shard(sharded.shadow_flats[0]).float() - (master + update)).abs()
+        own = rank_partition(sharded.shadow_flats[0], sharded.rank, sharded.world_size)
+        error = (own.float() - (master + update)).abs()
         per_block = torch.stack([chunk.max() for chunk in error.split(block)])
         record["update_error_over_bound"].append(float((per_block / bound.clamp_min(1e-30)).max()))
 
