@@ -484,8 +484,8 @@ def reference_train(
             theta_t = sim.snapshot_params()
             theta_est = sim.tentative_step(first_sums, first_count, t, factor(first_count, 1))
             if estimate_shift != (1.0, 0.0):
-                s, k = estimate_shift
-                theta_est = [x + s * (e - x) + k * (c - x)
+                scale, carry = estimate_shift  # not k: that name is the micro-batches per round
+                theta_est = [x + scale * (e - x) + carry * (c - x)
                              for e, x, c in zip(theta_est, theta_t, compute_at, strict=True)]
             if compressed:
                 flat_t = _padded(torch.cat([x.reshape(-1) for x in theta_t]), num_ranks)

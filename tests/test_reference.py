@@ -336,6 +336,27 @@ def test_counts_homogeneous_equal_default_and_uneven_weigh_each_micro_batch() ->
     assert close(acco, sync)
 
 
+def test_estimate_shift_moves_only_the_estimate() -> None:
+    """estimate_shift changes where the estimate half is computed, nothing else: with adaptive counts and the sqrt
+    LR rule, every round's LR factor is the same as with the paper's estimate (they depend on the counts alone),
+    and the first commit, computed before any shifted estimate is used, is the same too."""
+    model, batches = make_model(), make_batches(2, 24)
+    counts = [[2, 2], [6, 2], [3, 2], [6, 4]]
+    common = {"mode": "acco", "gradient_accumulation_steps": 4, "counts": counts, "lr_scaling": "sqrt",
+              "max_micro_batches_per_round": 6}
+    paper: list[float] = []
+    shifted: list[float] = []
+    run(model, batches, num_steps=2, lr_factors=paper, **common)
+    moved = run(model, batches, num_steps=2, lr_factors=shifted, estimate_shift=(1.1, 0.2), **common)
+    # k = 2 per rank per round, nominal half batch 4: the commits sum both halves (h = 2), capped at 6 / k.
+    assert paper == pytest.approx([1.0, math.sqrt(12 / 8), math.sqrt(5 / 4), math.sqrt(15 / 8)], rel=1e-12)
+    assert shifted == paper
+    one_step = {**common, "counts": counts[:2]}
+    assert close(run(model, batches, num_steps=1, **one_step),
+                 run(model, batches, num_steps=1, estimate_shift=(1.1, 0.2), **one_step), atol=0.0)
+    assert max_diff(moved, run(model, batches, num_steps=2, **common)) > 1e-6  # the shift is in effect
+
+
 def test_clipping_reduces_the_update() -> None:
     """A tiny max_grad_norm shrinks the update well below the unclipped one (Adam eps dominates)."""
     model, batches = make_model(), make_batches(2, 4)
