@@ -36,7 +36,8 @@ __all__ = ["main", "paired_table", "parse_args", "seed_noise_table"]
 
 METHODS = {"zero1": ("zero1.json", {}), "acco": ("acco.json", {}), "dpu": ("dpu.json", {}),
            "acco_int8": ("acco.json", {"estimate_compression": "int8"}),
-           "acco_extrapolated": ("acco.json", {"estimate": "extrapolated"}), "zero1_twin": ("zero1.json", {})}
+           "acco_extrapolated": ("acco.json", {"estimate": "extrapolated"}),
+           "acco_paper": ("acco.json", {"estimate": "paper"}), "zero1_twin": ("zero1.json", {})}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

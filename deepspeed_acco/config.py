@@ -92,16 +92,15 @@ class AccoConfig(DeepSpeedConfigModel):
     it saves (``python -m deepspeed_acco.plan`` says). Only where theta~ lands changes (by at most half
     a quantization step per element). Mode ``"acco"`` only (dpu has no estimate round)."""
 
-    estimate: Literal["paper", "extrapolated"] = "paper"
-    """Where the estimate half's gradients are computed. ``"paper"``: theta~_{t+1} = Opt(theta_t, G~_t), the
-    ACCO paper's estimate. ``"extrapolated"``: theta_t + 1.1 (Opt(theta_t, G~_t) - theta_t) + 0.2 (theta~_t -
-    theta_t), the update stretched by 10 % plus a fifth of the previous estimate's offset: half of every
-    step's gradients then come from a point slightly ahead, whose curvature cancels part of the gradient
-    noise (on a noisy quadratic it leaves less excess loss than the paper's estimate, and than ZeRO-1, below
-    the edge of stability; see docs/how-it-works.md). Measured on models up to 10.8M parameters: closer to
-    ZeRO-1 than the paper's estimate in every cell measured, without closing the gap at 10.8M; see
-    docs/convergence.md. The commit is exact either way and no gradient is stale. Mode ``"acco"`` only (dpu
-    has no estimate round)."""
+    estimate: Literal["paper", "extrapolated"] = "extrapolated"
+    """Where the estimate half's gradients are computed. ``"extrapolated"`` (default): theta_t + 1.1 (Opt(theta_t,
+    G~_t) - theta_t) + 0.2 (theta~_t - theta_t), the update stretched by 10 % plus a fifth of the previous
+    estimate's offset: half of every step's gradients then come from a point slightly ahead, whose curvature
+    cancels part of the gradient noise the estimate took (on a noisy quadratic it leaves less excess loss than the
+    paper's estimate, and than ZeRO-1, below the edge of stability; see docs/how-it-works.md). ``"paper"``:
+    theta~_{t+1} = Opt(theta_t, G~_t), the ACCO paper's estimate. Measured in docs/convergence.md: closer to
+    ZeRO-1 than the paper's estimate in every cell measured, on models up to 10.8M parameters. The commit is exact
+    either way and no gradient is stale. Mode ``"acco"`` only (dpu has no estimate round)."""
 
     compression_block_size: int = Field(256, ge=16, le=1 << 20)
     """Elements per int8 block (one fp32 scale each, ``4 / block`` bytes per element of overhead)."""

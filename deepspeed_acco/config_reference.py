@@ -78,11 +78,11 @@ What the measurements and the schedule add to the field descriptions above:
   (M/C >= 0.5): there it was the fastest ACCO variant; on fast links its quantizing CPU made it slower than
   plain ACCO on the CPU test bed. Held-out loss and tokens to target equal plain ACCO's. In mode `"dpu"` it is
   ignored with a warning. How it works: [the compressed estimate round](how-it-works.md#the-compressed-estimate-round).
-- `estimate`: `"extrapolated"` computes the estimate half's gradients slightly ahead of the paper's estimate
-  (its update x 1.1 plus 0.2 x the previous estimate's offset). It ended closer to ZeRO-1 than the paper's
-  estimate on the tiny GPT-2 at LR 1e-3 (3 seeds, simulation) and in the three `small` cells measured through
-  the package (world sizes 1 and 2), without closing the gap there
-  ([Convergence](convergence.md#the-extrapolated-estimate)); `"paper"` stays the default for now. It does not
+- `estimate`: the default `"extrapolated"` computes the estimate half's gradients slightly ahead of the paper's
+  estimate (its update x 1.1 plus 0.2 x the previous estimate's offset). It ended closer to ZeRO-1 than the
+  paper's estimate in every cell measured: the tiny GPT-2 (3 seeds, simulation, and the package's regression
+  test) and the 10.8M-parameter `small` preset at world sizes 1 and 2
+  ([Convergence](convergence.md#the-extrapolated-estimate)). `"paper"` keeps the ACCO paper's estimate. It does not
   raise the edge of stability: the warm-up advice below holds for both. In mode `"dpu"` it is ignored with a
   warning.
 - `round_timeout_s`: a round that does not finish in time raises `AccoRoundTimeout` in the training thread.

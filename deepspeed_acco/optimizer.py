@@ -124,11 +124,11 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
             compression=acco_config.estimate_compression if self._mode == "acco" else "none",
             block=acco_config.compression_block_size, estimate_shift=ESTIMATE_SHIFTS[acco_config.estimate],
             stream=self._stream)
-        for key, default in (("estimate_compression", "none"), ("estimate", "paper")):
-            if getattr(acco_config, key) != default and self._mode != "acco":
+        for key in ("estimate_compression", "estimate"):
+            if getattr(acco_config, key) != AccoConfig.model_fields[key].default and self._mode != "acco":
                 logger.warning(f"ACCO: acco.{key}={getattr(acco_config, key)!r} is ignored in "
                                f"acco.mode={self._mode!r} (it has no estimate round)")
-        self._shift_estimate = self._mode == "acco" and acco_config.estimate != "paper"
+        self._shift_estimate = self._mode == "acco" and ESTIMATE_SHIFTS[acco_config.estimate] != (1.0, 0.0)
         self._compress = self._round.compression != "none"
         self._estimate_loss_scale = 1.0  # loss scale of the estimate half whose residual the commit takes
         self._shadows = shadows

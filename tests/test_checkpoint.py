@@ -25,14 +25,14 @@ import torch
 
 from tests.acco_reference import reference_train
 from tests.dist_utils import JobFailure, job_result, run_distributed, run_jobs_isolated
-from tests.workers import DEEPSPEED_DEFAULT_CLIP, base_config, loss_fn, make_batches, make_model
+from tests.workers import DEEPSPEED_DEFAULT_CLIP, DEFAULT_ESTIMATE_SHIFT, base_config, loss_fn, make_batches, make_model
 
 WORLD, GA, LR, SEED = 2, 4, 1e-2, 0
 STEPS = 6  # committed steps of every run
 SAVE_STEP = 3  # the step-boundary checkpoint is taken after this many committed steps
 NUM_MICRO = STEPS * GA + 8
 ACCO_CFG = base_config(GA, LR, acco={"enabled": True})
-EXTRAP_CFG = base_config(GA, LR, acco={"enabled": True, "estimate": "extrapolated"})
+PAPER_CFG = base_config(GA, LR, acco={"enabled": True, "estimate": "paper"})
 DPU_CFG = base_config(GA, LR, acco={"enabled": True, "mode": "dpu"})
 PLAIN_CFG = base_config(GA, LR)
 BF16_CFG = base_config(GA, LR, bf16={"enabled": True}, acco={"enabled": True})
@@ -188,9 +188,9 @@ def saved(ckpt_root: Path) -> dict[str, list[dict[str, Any]]]:
     jobs = {
         "acco": {"cfg": ACCO_CFG, "steps": STEPS},
         "acco_saving": {"cfg": ACCO_CFG, "steps": STEPS, "saves": acco_saves},
-        "extrap": {"cfg": EXTRAP_CFG, "steps": STEPS},
-        "extrap_saving": {"cfg": EXTRAP_CFG, "steps": STEPS,
-                          "saves": {n: (str(ckpt_root / "extrap"), MID_POINTS[n]) for n in (13, 14)}},
+        "paper": {"cfg": PAPER_CFG, "steps": STEPS},
+        "paper_saving": {"cfg": PAPER_CFG, "steps": STEPS,
+                         "saves": {n: (str(ckpt_root / "paper"), MID_POINTS[n]) for n in (13, 14)}},
         "dpu": {"cfg": DPU_CFG, "steps": STEPS},
         "dpu_saving": {"cfg": DPU_CFG, "steps": STEPS, "saves": {BOUNDARY: (dpu_dir, "step3")}},
         "bf16": {"cfg": BF16_CFG, "steps": STEPS, "dtype": torch.bfloat16},
@@ -238,7 +238,7 @@ def resumed(saved: Any, crashed: Any, ckpt_root: Path) -> dict[str, list[dict[st
         "step3": {"cfg": ACCO_CFG, "steps": STEPS, "load": (acco_dir, "step3")},
         **{tag: {"cfg": ACCO_CFG, "steps": STEPS, "load": (acco_dir, tag)} for tag in MID_POINTS.values()},
         "dpu_step3": {"cfg": DPU_CFG, "steps": STEPS, "load": (dpu_dir, "step3")},
-        **{f"extrap_{tag}": {"cfg": EXTRAP_CFG, "steps": STEPS, "load": (str(ckpt_root / "extrap"), tag)}
+        **{f"paper_{tag}": {"cfg": PAPER_CFG, "steps": STEPS, "load": (str(ckpt_root / "paper"), tag)}
            for tag in ("mid13", "mid14")},
         "bf16_mid15": {"cfg": BF16_CFG, "steps": STEPS, "dtype": torch.bfloat16,
                        "load": (str(ckpt_root / "bf16"), "mid15")},
@@ -312,7 +312,7 @@ def test_checkpoint_holds_committed_state(saved: dict[str, Any]) -> None:
     rec = job_result(saved, "acco_saving")[0]["saved"]["step3"]
     ref = reference_train(make_model(SEED), make_batches(SEED, WORLD, NUM_MICRO), loss_fn, mode="acco",
                           num_steps=SAVE_STEP, gradient_accumulation_steps=GA, lr=LR, weight_decay=0.01,
-                          max_grad_norm=DEEPSPEED_DEFAULT_CLIP)
+                          max_grad_norm=DEEPSPEED_DEFAULT_CLIP, estimate_shift=DEFAULT_ESTIMATE_SHIFT)
     diff = _max_diff(rec["committed"], list(ref.values()))
     print(f"COMMITTED at save (step {rec['global_steps']}) vs reference theta_3: max |diff| = {diff:.3e}")
     assert diff < 1e-5 and rec["global_steps"] == SAVE_STEP
@@ -320,13 +320,14 @@ def test_checkpoint_holds_committed_state(saved: dict[str, Any]) -> None:
 
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("job,base", [("step3", "acco"), ("mid13", "acco"), ("mid14", "acco"), ("mid15", "acco"),
-                                      ("dpu_step3", "dpu"), ("extrap_mid13", "extrap"), ("extrap_mid14", "extrap")])
+                                      ("dpu_step3", "dpu"), ("paper_mid13", "paper"), ("paper_mid14", "paper")])
 def test_resume_in_new_processes_is_exact(saved: dict[str, Any], resumed: dict[str, Any], job: str,
                                           base: str) -> None:
     """Loading in new processes continues exactly as the uninterrupted run (params, steps, metrics, counters); with
-    acco.estimate="extrapolated" too (the offset comes from the live parameters, which the checkpoint holds)."""
+    the default acco.estimate="extrapolated" (its offset comes from the live parameters, which the checkpoint holds)
+    and "paper"."""
     saving = f"{base}_saving"
-    tag = "step3" if job == "dpu_step3" else job.removeprefix("extrap_")
+    tag = "step3" if job == "dpu_step3" else job.removeprefix("paper_")
     for rank in range(WORLD):
         run, ref = job_result(resumed, job)[rank], job_result(saved, base)[rank]
         at_save = job_result(saved, saving)[rank]["saved"][tag]

@@ -27,7 +27,15 @@ from deepspeed_acco.config import ESTIMATE_SHIFTS
 from tests.acco_reference import int8_roundtrip, reference_train
 from tests.dist_utils import job_result, run_distributed
 from tests.test_checkpoint import GA, LR, NUM_MICRO, SEED, STEPS, run_ckpt_jobs
-from tests.workers import DEEPSPEED_DEFAULT_CLIP, base_config, loss_fn, make_batches, make_model, run_jobs
+from tests.workers import (
+    DEEPSPEED_DEFAULT_CLIP,
+    DEFAULT_ESTIMATE_SHIFT,
+    base_config,
+    loss_fn,
+    make_batches,
+    make_model,
+    run_jobs,
+)
 
 TOL = 1e-5
 
@@ -45,7 +53,7 @@ JOBS: dict[str, tuple[Any, ...]] = {
                       3, SEED, {"slow_s": 0.15}),
     "int8_forced": (base_config(GA, LR, **_int8(16)), 5, SEED, {"force_in_step": {1: 3, 2: 2, 3: 1}}),
     "none": (base_config(GA, LR, acco={"enabled": True}), 4, SEED),
-    "int8_extrapolated": (base_config(GA, LR, **_int8(16, estimate="extrapolated")), 4, SEED),
+    "int8_paper": (base_config(GA, LR, **_int8(16, estimate="paper")), 4, SEED),
 }
 LOW_PRECISION = {
     "int8_bf16": (base_config(GA, 3e-2, bf16={"enabled": True}, **_int8(16)), 8, SEED, {"dtype": "bf16", "repeat": 2}),
@@ -77,6 +85,7 @@ def world3() -> dict[str, list[Any]]:
 
 def _reference(world: int, steps: int, block: int, **kw: Any) -> list[torch.Tensor]:
     batches = make_batches(SEED, world, steps * GA * 6 + 8)
+    kw.setdefault("estimate_shift", DEFAULT_ESTIMATE_SHIFT)
     out = reference_train(make_model(SEED), batches, loss_fn, mode="acco", num_steps=steps,
                           gradient_accumulation_steps=GA, lr=LR, weight_decay=0.01,
                           max_grad_norm=kw.pop("max_grad_norm", DEEPSPEED_DEFAULT_CLIP),
@@ -118,13 +127,14 @@ def test_int8_matches_reference(runs: dict[str, list[Any]], job: str, block: int
         assert all(all(r["rollback_checks"]) and len(r["rollback_checks"]) == 4 for r in result)
 
 
-def test_int8_extrapolated_matches_reference(runs: dict[str, list[Any]]) -> None:
-    """The compressed estimate sends the whole extrapolated update (acco.estimate="extrapolated"), quantized."""
-    expected = _reference(2, 4, 16, estimate_shift=ESTIMATE_SHIFTS["extrapolated"])
-    diff = _max_diff(job_result(runs, "int8_extrapolated")[0]["params"], expected)
-    print(f"PARITY int8_extrapolated vs reference: max |diff| = {diff:.3e}")
+def test_int8_paper_matches_reference(runs: dict[str, list[Any]]) -> None:
+    """With acco.estimate="paper" the compressed estimate sends the paper's update, quantized (the default sends
+    the whole extrapolated update: the other tests here)."""
+    expected = _reference(2, 4, 16, estimate_shift=ESTIMATE_SHIFTS["paper"])
+    diff = _max_diff(job_result(runs, "int8_paper")[0]["params"], expected)
+    print(f"PARITY int8_paper vs reference: max |diff| = {diff:.3e}")
     assert diff < TOL
-    assert _identical(job_result(runs, "int8_extrapolated"))
+    assert _identical(job_result(runs, "int8_paper"))
 
 
 def test_int8_matches_reference_at_world_size_3(world3: dict[str, list[Any]]) -> None:

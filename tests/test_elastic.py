@@ -27,7 +27,7 @@ import torch
 from tests.acco_reference import reference_train
 from tests.dist_utils import JobFailure, job_result
 from tests.test_checkpoint import ACCO_CFG, BOUNDARY, GA, LR, NUM_MICRO, SAVE_STEP, SEED, STEPS, _spawn
-from tests.workers import DEEPSPEED_DEFAULT_CLIP, base_config, loss_fn, make_batches, make_model
+from tests.workers import DEEPSPEED_DEFAULT_CLIP, DEFAULT_ESTIMATE_SHIFT, base_config, loss_fn, make_batches, make_model
 
 UNIVERSAL_CFG = base_config(GA, LR, acco={"enabled": True}, checkpoint={"load_universal": True})
 N_PARAMS = sum(p.numel() for p in make_model(SEED).parameters())
@@ -90,7 +90,7 @@ def test_resume_exact_at_world_size_3(world3: dict[str, Any], tag: str) -> None:
             ref[rank]["losses"][run[rank]["after_load"]["data_position"]:]
     expected = reference_train(make_model(SEED), make_batches(SEED, 3, NUM_MICRO), loss_fn, mode="acco",
                                num_steps=STEPS, gradient_accumulation_steps=GA, lr=LR, weight_decay=0.01,
-                               max_grad_norm=DEEPSPEED_DEFAULT_CLIP)
+                               max_grad_norm=DEEPSPEED_DEFAULT_CLIP, estimate_shift=DEFAULT_ESTIMATE_SHIFT)
     diff = _max_diff(ref[0]["params"], list(expected.values()))
     print(f"PARITY world 3 acco, {STEPS} steps, vs reference: max |diff| = {diff:.3e}")
     assert diff < 1e-5
@@ -125,7 +125,7 @@ def test_elastic_resume_from_universal_checkpoint(elastic: dict[str, Any], world
     batches = [b[start:] for b in make_batches(SEED, world, NUM_MICRO)]
     expected = reference_train(make_model(SEED), batches, loss_fn, mode="acco", num_steps=STEPS - SAVE_STEP,
                                gradient_accumulation_steps=GA, lr=LR, weight_decay=0.01,
-                               max_grad_norm=DEEPSPEED_DEFAULT_CLIP,
+                               max_grad_norm=DEEPSPEED_DEFAULT_CLIP, estimate_shift=DEFAULT_ESTIMATE_SHIFT,
                                initial_state={"flat": before["master"], "exp_avg": before["exp_avg"],
                                               "exp_avg_sq": before["exp_avg_sq"],
                                               "step": float(saved[0]["state"]["step"])})

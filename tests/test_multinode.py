@@ -37,7 +37,15 @@ import torch
 from tests.acco_reference import reference_train
 from tests.dist_utils import free_port, run_distributed
 from tests.netns import NSRSH, FakeHosts, NetnsUnavailable, cleanup_stale, list_namespaces, netns_pids
-from tests.workers import DEEPSPEED_DEFAULT_CLIP, base_config, loss_fn, make_batches, make_model, train_worker
+from tests.workers import (
+    DEEPSPEED_DEFAULT_CLIP,
+    DEFAULT_ESTIMATE_SHIFT,
+    base_config,
+    loss_fn,
+    make_batches,
+    make_model,
+    train_worker,
+)
 
 WORLD, GA, STEPS, LR, SEED = 2, 4, 3, 1e-2, 0
 TOL = 1e-5
@@ -177,7 +185,7 @@ def reference() -> list[torch.Tensor]:
     batches = make_batches(SEED, WORLD, STEPS * GA * 6 + 8)
     out = reference_train(make_model(SEED), batches, loss_fn, mode="acco", num_steps=STEPS,
                           gradient_accumulation_steps=GA, lr=LR, weight_decay=0.01,
-                          max_grad_norm=DEEPSPEED_DEFAULT_CLIP)
+                          max_grad_norm=DEEPSPEED_DEFAULT_CLIP, estimate_shift=DEFAULT_ESTIMATE_SHIFT)
     return list(out.values())
 
 

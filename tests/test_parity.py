@@ -23,7 +23,15 @@ import torch
 from deepspeed_acco.config import ESTIMATE_SHIFTS
 from tests.acco_reference import reference_train
 from tests.dist_utils import JobFailure, job_result, run_distributed
-from tests.workers import DEEPSPEED_DEFAULT_CLIP, base_config, loss_fn, make_batches, make_model, run_jobs
+from tests.workers import (
+    DEEPSPEED_DEFAULT_CLIP,
+    DEFAULT_ESTIMATE_SHIFT,
+    base_config,
+    loss_fn,
+    make_batches,
+    make_model,
+    run_jobs,
+)
 
 WORLD, GA, STEPS, LR, SEED = 2, 4, 3, 1e-2, 0
 WIDE_WORLDS = (3, 4)
@@ -56,11 +64,10 @@ JOBS: dict[str, tuple[Any, ...]] = {
     "forced_acco": (base_config(GA, LR, **_acco()), 5, SEED, {"force_in_step": {1: 3, 2: 2, 3: 1}}),
     "forced_acco_prescaled": (base_config(GA, LR, **_acco()), 5, SEED, {"force_in_step": {3: 1}, "prescaled": True}),
     "forced_dpu": (base_config(GA, LR, **_acco(mode="dpu")), 4, SEED, {"force_in_step": {1: 3, 2: 1}}),
-    # acco.estimate="extrapolated": the estimate shifted from where the last half was computed; a step ended
-    # inside an estimate half (step 2) restarts the pipeline, so the next estimate starts from no offset.
-    "extrapolated": (base_config(GA, LR, **_acco(estimate="extrapolated")), 5, SEED),
-    "forced_extrapolated": (base_config(GA, LR, **_acco(estimate="extrapolated")), 5, SEED,
-                            {"force_in_step": {1: 3, 2: 1}}),
+    # acco.estimate="paper" (the default is "extrapolated", shifted from where the last half was computed; a
+    # step ended inside an estimate half, step 2, restarts the pipeline and the next estimate has no offset).
+    "paper": (base_config(GA, LR, **_acco(estimate="paper")), 5, SEED),
+    "forced_paper": (base_config(GA, LR, **_acco(estimate="paper")), 5, SEED, {"force_in_step": {1: 3, 2: 1}}),
     "forced_adaptive": (ADAPTIVE[0], 5, SEED, {"slow_s": 0.15, "force_in_step": {1: 3, 2: 4, 3: 1}}),
 }
 LOW_PRECISION_JOBS: dict[str, tuple[Any, ...]] = {
@@ -107,6 +114,8 @@ def wide_runs(request: pytest.FixtureRequest) -> tuple[int, dict[str, list[Any]]
 
 def _reference(mode: str, steps: int = STEPS, world: int = WORLD, **kw: Any) -> list[torch.Tensor]:
     batches = make_batches(SEED, world, steps * GA * 6 + 8)
+    if mode == "acco":
+        kw.setdefault("estimate_shift", DEFAULT_ESTIMATE_SHIFT)
     out = reference_train(make_model(SEED), batches, loss_fn, mode=mode, num_steps=steps,
                           gradient_accumulation_steps=GA, lr=kw.pop("lr", LR), weight_decay=0.01,
                           max_grad_norm=kw.pop("max_grad_norm", DEEPSPEED_DEFAULT_CLIP), **kw)
@@ -326,21 +335,20 @@ def test_caller_forced_boundaries(runs: dict[str, Any], job: str, mode: str) -> 
     assert result[0]["global_steps"] == len(rounds)
 
 
-@pytest.mark.parametrize("job", ["extrapolated", "forced_extrapolated"])
-def test_extrapolated_estimate_matches_reference(runs: dict[str, Any], job: str) -> None:
-    """acco.estimate="extrapolated" equals the reference's estimate_shift (1.1, 0.2), also across a restart, and
-    differs from the paper's estimate by far more than the tolerance (the rule is in effect)."""
+@pytest.mark.parametrize("job", ["paper", "forced_paper"])
+def test_paper_estimate_matches_reference(runs: dict[str, Any], job: str) -> None:
+    """acco.estimate="paper" equals the reference's paper estimate (estimate_shift (1, 0)), also across a restart,
+    and differs from the default (extrapolated) estimate by far more than the tolerance (the key is in effect)."""
     result = job_result(runs, job)
     rounds = [m["round_counts"] for m in result[0]["metrics"]]
-    expected = _reference("acco", steps=len(rounds), step_rounds=rounds,
-                          estimate_shift=ESTIMATE_SHIFTS["extrapolated"])
+    expected = _reference("acco", steps=len(rounds), step_rounds=rounds, estimate_shift=ESTIMATE_SHIFTS["paper"])
     diff = _max_diff(result[0]["params"], expected)
     apart = _max_diff(expected, _reference("acco", steps=len(rounds), step_rounds=rounds))
-    print(f"PARITY {job} vs reference (1.1, 0.2): max |diff| = {diff:.3e}; paper's estimate ends {apart:.3e} away")
+    print(f"PARITY {job} vs reference (1, 0): max |diff| = {diff:.3e}; the default estimate ends {apart:.3e} away")
     assert diff < TOL
     assert apart > 10 * TOL
     assert _ranks_identical(result)
-    if job == "forced_extrapolated":
+    if job == "forced_paper":
         assert [1, 1] in [r for step in rounds for r in step if len(step) == 1], rounds  # a restart happened
 
 

@@ -13,11 +13,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from deepspeed_acco.config import ESTIMATE_SHIFTS, AccoConfig
+
 __all__ = ["DEEPSPEED_DEFAULT_CLIP", "make_model", "make_batches", "WithLoss", "train_worker", "base_config",
            "loss_fn"]
 
 IN, HIDDEN, OUT, MICRO = 8, 16, 4, 4
 DEEPSPEED_DEFAULT_CLIP = 1.0
+DEFAULT_ESTIMATE_SHIFT = ESTIMATE_SHIFTS[AccoConfig.model_fields["estimate"].default]
+"""The reference's ``estimate_shift`` for a config that leaves ``acco.estimate`` at its default."""
 """DeepSpeed's ``gradient_clipping`` when a config does not set it (0.19: 1.0); references of runs with
 ``base_config`` clip at it, as the engine does."""
 
