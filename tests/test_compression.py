@@ -23,13 +23,13 @@ from typing import Any
 import pytest
 import torch
 
-from deepspeed_acco.config import ESTIMATE_SHIFTS
 from tests.acco_reference import int8_roundtrip, reference_train
 from tests.dist_utils import job_result, run_distributed
 from tests.test_checkpoint import GA, LR, NUM_MICRO, SEED, STEPS, run_ckpt_jobs
 from tests.workers import (
     DEEPSPEED_DEFAULT_CLIP,
     DEFAULT_ESTIMATE_SHIFT,
+    PAPER_ESTIMATE_SHIFT,
     base_config,
     loss_fn,
     make_batches,
@@ -130,7 +130,7 @@ def test_int8_matches_reference(runs: dict[str, list[Any]], job: str, block: int
 def test_int8_paper_matches_reference(runs: dict[str, list[Any]]) -> None:
     """With acco.estimate="paper" the compressed estimate sends the paper's update, quantized (the default sends
     the whole extrapolated update: the other tests here)."""
-    expected = _reference(2, 4, 16, estimate_shift=ESTIMATE_SHIFTS["paper"])
+    expected = _reference(2, 4, 16, estimate_shift=PAPER_ESTIMATE_SHIFT)
     diff = _max_diff(job_result(runs, "int8_paper")[0]["params"], expected)
     print(f"PARITY int8_paper vs reference: max |diff| = {diff:.3e}")
     assert diff < TOL

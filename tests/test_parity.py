@@ -20,12 +20,12 @@ from typing import Any
 import pytest
 import torch
 
-from deepspeed_acco.config import ESTIMATE_SHIFTS
 from tests.acco_reference import reference_train
 from tests.dist_utils import JobFailure, job_result, run_distributed
 from tests.workers import (
     DEEPSPEED_DEFAULT_CLIP,
     DEFAULT_ESTIMATE_SHIFT,
+    PAPER_ESTIMATE_SHIFT,
     base_config,
     loss_fn,
     make_batches,
@@ -341,7 +341,7 @@ def test_paper_estimate_matches_reference(runs: dict[str, Any], job: str) -> Non
     and differs from the default (extrapolated) estimate by far more than the tolerance (the key is in effect)."""
     result = job_result(runs, job)
     rounds = [m["round_counts"] for m in result[0]["metrics"]]
-    expected = _reference("acco", steps=len(rounds), step_rounds=rounds, estimate_shift=ESTIMATE_SHIFTS["paper"])
+    expected = _reference("acco", steps=len(rounds), step_rounds=rounds, estimate_shift=PAPER_ESTIMATE_SHIFT)
     diff = _max_diff(result[0]["params"], expected)
     apart = _max_diff(expected, _reference("acco", steps=len(rounds), step_rounds=rounds))
     print(f"PARITY {job} vs reference (1, 0): max |diff| = {diff:.3e}; the default estimate ends {apart:.3e} away")

@@ -13,17 +13,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepspeed_acco.config import ESTIMATE_SHIFTS, AccoConfig
-
-__all__ = ["DEEPSPEED_DEFAULT_CLIP", "make_model", "make_batches", "WithLoss", "train_worker", "base_config",
-           "loss_fn"]
+__all__ = ["DEEPSPEED_DEFAULT_CLIP", "DEFAULT_ESTIMATE_SHIFT", "PAPER_ESTIMATE_SHIFT", "make_model", "make_batches",
+           "WithLoss", "train_worker", "base_config", "loss_fn"]
 
 IN, HIDDEN, OUT, MICRO = 8, 16, 4, 4
 DEEPSPEED_DEFAULT_CLIP = 1.0
-DEFAULT_ESTIMATE_SHIFT = ESTIMATE_SHIFTS[AccoConfig.model_fields["estimate"].default]
-"""The reference's ``estimate_shift`` for a config that leaves ``acco.estimate`` at its default."""
 """DeepSpeed's ``gradient_clipping`` when a config does not set it (0.19: 1.0); references of runs with
 ``base_config`` clip at it, as the engine does."""
+DEFAULT_ESTIMATE_SHIFT = (1.1, 0.2)
+"""The reference's ``estimate_shift`` for a config that leaves ``acco.estimate`` at its default
+(``"extrapolated"``: theta_t + 1.1 (Opt(theta_t, G~_t) - theta_t) + 0.2 (theta~_t - theta_t), docs/how-it-works.md).
+Written out here, not read from the package, so a wrong constant there fails the parity tests."""
+PAPER_ESTIMATE_SHIFT = (1.0, 0.0)
+"""The reference's ``estimate_shift`` for ``"estimate": "paper"``: theta~_{t+1} = Opt(theta_t, G~_t)."""
 
 
 def make_model(seed: int = 0) -> nn.Module:
