@@ -115,6 +115,8 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         self._offsets = [self._param_offsets(i) for i in range(len(flats))]
         shadows = [f.detach().clone() for f in flats]
 
+        # Mode "dpu" has no estimate round: its rounds neither compress nor shift an estimate.
+        shift = ESTIMATE_SHIFTS[acco_config.estimate] if self._mode == "acco" else ESTIMATE_SHIFTS["paper"]
         on_cuda = flats[0].is_cuda
         self._stream = torch.cuda.Stream(device=flats[0].device) if on_cuda else None
         self._round = ShardedRound(
@@ -122,13 +124,13 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
             shadow_flats=shadows, group=self._acco_group, rank=self._rank, world_size=self._world,
             comm_dtype=self.communication_data_type, clip_grad=float(self.clip_grad),
             compression=acco_config.estimate_compression if self._mode == "acco" else "none",
-            block=acco_config.compression_block_size, estimate_shift=ESTIMATE_SHIFTS[acco_config.estimate],
+            block=acco_config.compression_block_size, estimate_shift=shift,
             stream=self._stream)
         for key in ("estimate_compression", "estimate"):
             if getattr(acco_config, key) != AccoConfig.model_fields[key].default and self._mode != "acco":
                 logger.warning(f"ACCO: acco.{key}={getattr(acco_config, key)!r} is ignored in "
                                f"acco.mode={self._mode!r} (it has no estimate round)")
-        self._shift_estimate = self._mode == "acco" and ESTIMATE_SHIFTS[acco_config.estimate] != (1.0, 0.0)
+        self._shift_estimate = shift != ESTIMATE_SHIFTS["paper"]
         self._compress = self._round.compression != "none"
         self._estimate_loss_scale = 1.0  # loss scale of the estimate half whose residual the commit takes
         self._shadows = shadows
