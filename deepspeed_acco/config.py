@@ -274,7 +274,7 @@ def warmup_advice(ds_config: Any, acco: AccoConfig, *, client_lr_scheduler: Any 
         return None
     return (f"ACCO: {what}. ACCO's estimate lowers the largest stable step to about 1/(1+beta1) of ZeRO-1's "
             "(0.53 with beta1=0.9), so with a short warm-up its loss can spike where ZeRO-1's does not and end "
-            "behind it (measured: +1.3 to +6.7 % held-out loss after 100 steps of a 10.8M-parameter GPT-2 with "
+            "behind it (measured: +0.9 to +4.4 % held-out loss after 100 steps of a 10.8M-parameter GPT-2 with "
             f"a 10-step warm-up). Set scheduler.params.warmup_num_steps >= {MIN_WARMUP_STEPS} or lower the peak LR "
-            "to keep the run away from that edge (on a 0.45M-parameter GPT-2 at LR 3e-3 it cut the gap from +1.9 % "
-            "to +0.8 %); see docs/how-it-works.md, 'Why ACCO can trail ZeRO-1'.")
+            "to keep the run away from that edge (on that model a 100-step warm-up cut the gap to +0.6 to +1.3 %); "
+            "see docs/how-it-works.md, 'Why ACCO can trail ZeRO-1'.")

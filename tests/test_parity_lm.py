@@ -60,7 +60,8 @@ def test_gpt2_matches_reference(runs: dict[str, list[Any]], method: str, mode: s
                                lr=lr, betas=tuple(opt["betas"]), weight_decay=opt["weight_decay"],
                                max_grad_norm=config["gradient_clipping"], estimate_shift=DEFAULT_ESTIMATE_SHIFT)
     diff = max(float((a - b).abs().max()) for a, b in zip(result[0]["params"], expected.values(), strict=True))
-    moved = max(float((a - b).abs().max()) for a, b in zip(result[0]["params"], model.model.parameters(), strict=True))
+    moved = max(float((a - b.detach()).abs().max())
+                for a, b in zip(result[0]["params"], model.model.parameters(), strict=True))
     print(f"PARITY gpt2-tiny {method} vs reference {mode}, {STEPS} steps: max |diff| = {diff:.3e} "
           f"(parameters moved by up to {moved:.3e})")
     other = job_result(runs, "zero1" if method == "acco" else "acco")[0]["params"]
