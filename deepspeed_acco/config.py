@@ -100,8 +100,8 @@ class AccoConfig(DeepSpeedConfigModel):
     paper's estimate, and than ZeRO-1, below the edge of stability; see docs/how-it-works.md). ``"paper"``:
     theta~_{t+1} = Opt(theta_t, G~_t), the ACCO paper's estimate. Measured in docs/convergence.md: closer to
     ZeRO-1 than the paper's estimate in every cell measured but one (0.08 points behind it), on models up to 10.8M
-    parameters. The commit is exact
-    either way and no gradient is stale. Mode ``"acco"`` only (dpu has no estimate round)."""
+    parameters. The commit is exact either way and no gradient is stale. Mode ``"acco"`` only (dpu has no
+    estimate round)."""
 
     compression_block_size: int = Field(256, ge=16, le=1 << 20)
     """Elements per int8 block (one fp32 scale each, ``4 / block`` bytes per element of overhead)."""

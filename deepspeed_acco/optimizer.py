@@ -130,7 +130,7 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
             if getattr(acco_config, key) != AccoConfig.model_fields[key].default and self._mode != "acco":
                 logger.warning(f"ACCO: acco.{key}={getattr(acco_config, key)!r} is ignored in "
                                f"acco.mode={self._mode!r} (it has no estimate round)")
-        self._shift_estimate = shift != ESTIMATE_SHIFTS["paper"]
+        self._shift_estimate = self._round.estimate_shift != ESTIMATE_SHIFTS["paper"]
         self._compress = self._round.compression != "none"
         self._estimate_loss_scale = 1.0  # loss scale of the estimate half whose residual the commit takes
         self._shadows = shadows
