@@ -53,6 +53,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="override the configs' lr (and warmup_max_lr)")
     p.add_argument("--warmup", type=int, default=None, help="override the configs' warmup_num_steps")
     p.add_argument("--ga", type=int, default=None, help="override gradient_accumulation_steps")
+    p.add_argument("--clip", type=float, default=None, help="override gradient_clipping (0: off)")
     p.add_argument("--parallel", type=int, default=2, help="world-size-1 runs at a time")
     p.add_argument("--timeout_s", type=float, default=14400.0)
     p.add_argument("--out", required=True)
@@ -68,6 +69,8 @@ def _config(method: str, args: argparse.Namespace, directory: Path) -> Path:
         config["scheduler"]["params"]["warmup_num_steps"] = args.warmup
     if args.ga is not None:
         config["gradient_accumulation_steps"] = args.ga
+    if args.clip is not None:
+        config["gradient_clipping"] = args.clip
     path = directory / f"{method}.json"
     path.write_text(json.dumps(config))
     return path
@@ -96,15 +99,16 @@ def run_one(method: str, world: int, seed: int, args: argparse.Namespace, work: 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     summary = json.loads((out / "summary.json").read_text())
     return {"preset": args.preset, "world": world, "seed": seed, "method": method, "steps": args.steps,
-            "lr": args.lr, "warmup": args.warmup, "ga": args.ga, "wall_s": time.time() - start,
+            "lr": args.lr, "warmup": args.warmup, "ga": args.ga, "clip": args.clip, "wall_s": time.time() - start,
             "initial_eval_loss": summary["initial_eval_loss"],
             "eval": {str(r["step"]): r["eval_loss"] for r in rows if "eval_loss" in r},
             "train_loss": [r["loss"] for r in rows], "grad_norm": [r.get("grad_norm") for r in rows],
+            "estimate_grad_norm": [r.get("estimate_grad_norm") for r in rows],
             "command": " ".join(cmd)}
 
 
 def _same_setting(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return all(a.get(k) == b.get(k) for k in ("preset", "world", "seed", "steps", "lr", "warmup", "ga"))
+    return all(a.get(k) == b.get(k) for k in ("preset", "world", "seed", "steps", "lr", "warmup", "ga", "clip"))
 
 
 def paired_table(runs: list[dict[str, Any]]) -> str:
@@ -138,7 +142,7 @@ def seed_noise_table(runs: list[dict[str, Any]]) -> str:
     groups: dict[tuple[Any, ...], dict[str, list[float]]] = {}
     for run in runs:
         last = str(max(int(s) for s in run["eval"]))
-        key = (run["preset"], run["world"], run["steps"], run.get("lr"), run.get("warmup"), run.get("ga"))
+        key = (run["preset"], run["world"], run["steps"], *(run.get(k) for k in ("lr", "warmup", "ga", "clip")))
         groups.setdefault(key, {}).setdefault(run["method"], []).append(run["eval"][last])
     lines = ["", "| preset | W | steps | method | seeds | final held-out, mean +- std over seeds "
              "| mean - ZeRO-1's mean | in ZeRO-1 std | within 1 std |", "|---|---:|---:|---|---:|---|---:|---:|---|"]
@@ -165,7 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="acco_convergence_"))
     todo = [(m, w, s) for w in (int(x) for x in args.worlds.split(",")) for s in (int(x) for x in args.seeds.split(","))
             for m in args.methods.split(",")]
-    key = {"preset": args.preset, "steps": args.steps, "lr": args.lr, "warmup": args.warmup, "ga": args.ga}
+    key = {"preset": args.preset, "steps": args.steps, "lr": args.lr, "warmup": args.warmup, "ga": args.ga,
+           "clip": args.clip}
     todo = [t for t in todo if not any(_same_setting({**key, "world": t[1], "seed": t[2]}, r) and r["method"] == t[0]
                                        for r in done)]
 

@@ -32,6 +32,9 @@ class StepMetrics:
     overflow: bool = False
     """A non-finite gradient skipped the commit on every rank."""
     grad_norm: float = 0.0
+    """Global gradient norm of the commit (before clipping): the step's averaged gradient."""
+    estimate_grad_norm: float | None = None
+    """Global gradient norm of the estimate round's half-batch gradient G~ (before clipping; None without one)."""
     round_phases_s: dict[str, float] = field(default_factory=dict)
     """Wall-clock seconds of this step's rounds by phase (reduce_scatter, norm, step, all_gather)."""
     round_phases_cpu_s: dict[str, float] = field(default_factory=dict)

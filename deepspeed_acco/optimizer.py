@@ -373,6 +373,7 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
                                      for k, v in result.phase_cpu_s.items()}
         if result.kind is RoundKind.ESTIMATE:
             record.estimate_round_s = result.duration_s
+            record.estimate_grad_norm = result.grad_norm
         else:
             record.commit_round_s = result.duration_s
             record.overflow = result.overflow

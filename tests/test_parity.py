@@ -14,13 +14,14 @@ Run alone with ``python -m pytest tests/test_parity.py``.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from tests.acco_reference import reference_train
+from tests.acco_reference import Simulator, reference_train
 from tests.dist_utils import JobFailure, job_result, run_distributed
 from tests.workers import (
     DEEPSPEED_DEFAULT_CLIP,
@@ -307,6 +308,22 @@ def test_metrics_recorded_and_sent_to_monitor(runs: dict[str, Any], monitor_dir:
     written = {p.name for p in monitor_dir.rglob("*.csv")}
     print("monitor files:", sorted(written))
     assert any("exposed_wait_s" in name for name in written) and any("commit_round_s" in name for name in written)
+
+
+def test_estimate_grad_norm_is_the_half_batch_norm(runs: dict[str, Any]) -> None:
+    """``estimate_grad_norm`` is the norm of the estimate round's averaged gradient, before clipping: at step 1,
+    G~_0 over each rank's first GA/2 micro-batches at theta_0 (computed here from the reference's model and data);
+    dpu has no estimate round and reports none."""
+    batches = make_batches(SEED, WORLD, STEPS * GA * 6 + 8)  # as the "acco" job drew them
+    sim = Simulator(make_model(SEED), batches, loss_fn, LR, (0.9, 0.999), 1e-8, 0.0, 0.0)
+    sums, count = sim.accumulate(sim.snapshot_params(), [GA // 2] * WORLD)
+    expected = math.sqrt(sum(float((s / count).pow(2).sum()) for s in sums))
+    first = job_result(runs, "acco")[0]["metrics"][0]
+    print(f"estimate_grad_norm {first['estimate_grad_norm']:.6f}, reference {expected:.6f}, "
+          f"commit grad_norm {first['grad_norm']:.6f}")
+    assert first["estimate_grad_norm"] == pytest.approx(expected, rel=1e-5)
+    assert first["estimate_grad_norm"] != pytest.approx(first["grad_norm"], rel=1e-3)
+    assert all(m["estimate_grad_norm"] is None for m in job_result(runs, "dpu")[0]["metrics"])
 
 
 FORCED_ROUNDS = {
