@@ -111,6 +111,12 @@ def _same_setting(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return all(a.get(k) == b.get(k) for k in ("preset", "world", "seed", "steps", "lr", "warmup", "ga", "clip"))
 
 
+def _overrides(run: dict[str, Any]) -> str:
+    """The settings a run overrode (``--lr``, ``--warmup``, ``--ga``, ``--clip``), for the table's method column."""
+    given = [f"{k} {run[k]}" for k in ("lr", "warmup", "ga", "clip") if run.get(k) is not None]
+    return f" ({', '.join(given)})" if given else ""
+
+
 def paired_table(runs: list[dict[str, Any]]) -> str:
     """Markdown: per setting and seed, each method's held-out loss by step and its gap to ZeRO-1 of the same seed."""
     lines = ["| preset | W | seed | method | " + " | ".join(["held-out loss by step (gap to ZeRO-1)"]) + " |",
@@ -121,7 +127,7 @@ def paired_table(runs: list[dict[str, Any]]) -> str:
             for step, loss in run["eval"].items():
                 gap = "" if run is base else f" ({loss / base['eval'][step] - 1:+.2%})"
                 cells.append(f"{step}: {loss:.4f}{gap}")
-            lines.append(f"| {run['preset']} | {run['world']} | {run['seed']} | {run['method']} | "
+            lines.append(f"| {run['preset']} | {run['world']} | {run['seed']} | {run['method']}{_overrides(run)} | "
                          + ", ".join(cells) + " |")
     gaps: dict[str, list[float]] = {}
     for run in runs:

@@ -34,7 +34,8 @@ class StepMetrics:
     grad_norm: float = 0.0
     """Global gradient norm of the commit (before clipping): the step's averaged gradient."""
     estimate_grad_norm: float | None = None
-    """Global gradient norm of the estimate round's half-batch gradient G~ (before clipping; None without one)."""
+    """Global gradient norm of the estimate round's half-batch gradient G~ (before clipping; of the dequantized
+    sums with the int8 estimate; None in a step without an estimate round)."""
     round_phases_s: dict[str, float] = field(default_factory=dict)
     """Wall-clock seconds of this step's rounds by phase (reduce_scatter, norm, step, all_gather)."""
     round_phases_cpu_s: dict[str, float] = field(default_factory=dict)
