@@ -99,7 +99,7 @@ def run_one(method: str, world: int, seed: int, args: argparse.Namespace, work: 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     summary = json.loads((out / "summary.json").read_text())
     return {"preset": args.preset, "world": world, "seed": seed, "method": method, "steps": args.steps,
-            "lr": args.lr, "warmup": args.warmup, "ga": args.ga, "clip": args.clip, "wall_s": time.time() - start,
+            **{k: getattr(args, k) for k in OVERRIDES}, "wall_s": time.time() - start,
             "initial_eval_loss": summary["initial_eval_loss"],
             "eval": {str(r["step"]): r["eval_loss"] for r in rows if "eval_loss" in r},
             "train_loss": [r["loss"] for r in rows], "grad_norm": [r.get("grad_norm") for r in rows],
@@ -107,13 +107,17 @@ def run_one(method: str, world: int, seed: int, args: argparse.Namespace, work: 
             "command": " ".join(cmd)}
 
 
+OVERRIDES = ("lr", "warmup", "ga", "clip")
+"""Settings a run may override (``--lr``, ``--warmup``, ``--ga``, ``--clip``): recorded per run, part of the pairing."""
+
+
 def _same_setting(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return all(a.get(k) == b.get(k) for k in ("preset", "world", "seed", "steps", "lr", "warmup", "ga", "clip"))
+    return all(a.get(k) == b.get(k) for k in ("preset", "world", "seed", "steps", *OVERRIDES))
 
 
 def _overrides(run: dict[str, Any]) -> str:
     """The settings a run overrode (``--lr``, ``--warmup``, ``--ga``, ``--clip``), for the table's method column."""
-    given = [f"{k} {run[k]}" for k in ("lr", "warmup", "ga", "clip") if run.get(k) is not None]
+    given = [f"{k} {run[k]}" for k in OVERRIDES if run.get(k) is not None]
     return f" ({', '.join(given)})" if given else ""
 
 
@@ -148,7 +152,7 @@ def seed_noise_table(runs: list[dict[str, Any]]) -> str:
     groups: dict[tuple[Any, ...], dict[str, list[float]]] = {}
     for run in runs:
         last = str(max(int(s) for s in run["eval"]))
-        key = (run["preset"], run["world"], run["steps"], *(run.get(k) for k in ("lr", "warmup", "ga", "clip")))
+        key = (run["preset"], run["world"], run["steps"], *(run.get(k) for k in OVERRIDES))
         groups.setdefault(key, {}).setdefault(run["method"], []).append(run["eval"][last])
     lines = ["", "| preset | W | steps | method | seeds | final held-out, mean +- std over seeds "
              "| mean - ZeRO-1's mean | in ZeRO-1 std | within 1 std |", "|---|---:|---:|---|---:|---|---:|---:|---|"]
@@ -175,8 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="acco_convergence_"))
     todo = [(m, w, s) for w in (int(x) for x in args.worlds.split(",")) for s in (int(x) for x in args.seeds.split(","))
             for m in args.methods.split(",")]
-    key = {"preset": args.preset, "steps": args.steps, "lr": args.lr, "warmup": args.warmup, "ga": args.ga,
-           "clip": args.clip}
+    key = {"preset": args.preset, "steps": args.steps, **{k: getattr(args, k) for k in OVERRIDES}}
     todo = [t for t in todo if not any(_same_setting({**key, "world": t[1], "seed": t[2]}, r) and r["method"] == t[0]
                                        for r in done)]
 
