@@ -36,8 +36,14 @@ __all__ = ["main", "paired_table", "parse_args", "seed_noise_table"]
 
 METHODS = {"zero1": ("zero1.json", {}), "acco": ("acco.json", {}), "dpu": ("dpu.json", {}),
            "acco_int8": ("acco.json", {"estimate_compression": "int8"}),
-           "acco_extrapolated": ("acco.json", {"estimate": "extrapolated"}),
-           "acco_paper": ("acco.json", {"estimate": "paper"}), "zero1_twin": ("zero1.json", {})}
+           "acco_extrapolated": ("acco.json", {"estimate": "extrapolated", "estimate_fraction": 0.5}),
+           "acco_paper": ("acco.json", {"estimate": "paper", "estimate_fraction": 0.5}),
+           "acco_split": ("acco.json", {"estimate": "extrapolated", "estimate_fraction": 0.75}),
+           "acco_paper_split": ("acco.json", {"estimate": "paper", "estimate_fraction": 0.75}),
+           "zero1_twin": ("zero1.json", {})}
+"""Method -> (ds_configs file, overrides of its "acco" block). ``acco_extrapolated`` and ``acco_paper`` split every
+step into equal halves (``estimate_fraction`` 0.5, as every run before 0.75 became the default); ``acco_split`` is
+the default written out."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

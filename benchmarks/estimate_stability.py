@@ -55,6 +55,10 @@ SHIFTS: dict[str, tuple[float, float]] = {"carry 0.25": (1.0, 0.25), "carry 0.5"
 offset (``acco.estimate="extrapolated"`` is s 1.1, k 0.2)."""
 
 
+FRACTIONS = (0.5, 0.625, 0.75, 0.875)
+"""``acco.estimate_fraction`` values of the split table (0.5: the paper's halves; 0.75: the default)."""
+
+
 def _shift_row(s: float, k: float) -> Row:
     return lambda a, b: [1.0 - k, -s * b, -s * (1 - b) * a + k, 0.0]
 
@@ -72,8 +76,9 @@ NOISE: dict[str, Callable[[float], float]] = {
 ``G~_t + G_(t-1)``, are left out of the noise table)."""
 
 
-def step_matrix(rule: str, a: float, b: float) -> np.ndarray:
-    """One optimizer step of ``rule`` as a 4x4 map on ``(x, m, x~, x_prev)``."""
+def step_matrix(rule: str, a: float, b: float, f: float = 0.5) -> np.ndarray:
+    """One optimizer step of ``rule`` as a 4x4 map on ``(x, m, x~, x_prev)``; ``f`` is the share of the step's
+    micro-batches computed at x~ (``acco.estimate_fraction``; 0.5 the paper's halves)."""
     if rule == "dpu":  # whole step one step stale: G_t at theta_(t-1)
         m_row = [0.0, b, 0.0, (1 - b) * a]
         x_row = [1.0, -b, 0.0, -(1 - b) * a]
@@ -83,27 +88,30 @@ def step_matrix(rule: str, a: float, b: float) -> np.ndarray:
         m_row = [(1 - b) * a, b, 0.0, 0.0]
         x_row = [1 - m_row[0], -b, 0.0, 0.0]
         return np.array([x_row, m_row, x_row, [1.0, 0.0, 0.0, 0.0]])
-    m_row = [(1 - b) * a / 2, b, (1 - b) * a / 2, 0.0]
+    m_row = [(1 - b) * a * (1 - f), b, (1 - b) * a * f, 0.0]
     x_row = [1 - m_row[0], -b, -m_row[2], 0.0]
     return np.array([x_row, m_row, estimate(a, b), [1.0, 0.0, 0.0, 0.0]])
 
 
-def noise_matrix(rule: str, b: float) -> np.ndarray:
-    """How the two half-batches' gradient noises ``(n1, n2)`` (unit variance each) enter ``(x, m, x~, x_prev)``.
+def noise_matrix(rule: str, b: float, f: float = 0.5) -> np.ndarray:
+    """How the two halves' gradient noises ``(n1, n2)`` (unit normal) enter ``(x, m, x~, x_prev)``.
 
-    The commit (and ZeRO-1, and DPU's single round) averages both halves: ``m`` takes ``(1 - b) / 2`` of each,
+    A half of share ``f`` of the step's micro-batches has a mean gradient whose noise has variance
+    ``1 / (2 f)`` (1 for the paper's halves). The commit (and ZeRO-1, and DPU's single round) weighs the halves
+    by their shares: ``m`` takes ``(1 - b) f`` of the first half's noise and ``(1 - b) (1 - f)`` of the second's,
     ``x`` minus that; the estimate takes ``NOISE[rule]`` of the first half's noise, the one it computed.
     """
-    m_row = [(1 - b) / 2, (1 - b) / 2]
-    x_row = [-(1 - b) / 2, -(1 - b) / 2]
-    est = x_row if RULES[rule] is None else [NOISE[rule](b), 0.0]
+    first, second = (1 / (2 * f)) ** 0.5, (1 / (2 * (1 - f))) ** 0.5
+    m_row = [(1 - b) * f * first, (1 - b) * (1 - f) * second]
+    x_row = [-m_row[0], -m_row[1]]
+    est = x_row if RULES[rule] is None else [NOISE[rule](b) * first, 0.0]
     return np.array([x_row, m_row, est, [0.0, 0.0]])
 
 
-def stationary_excess(rule: str, a: float, b: float) -> float:
+def stationary_excess(rule: str, a: float, b: float, f: float = 0.5) -> float:
     """E[x^2] once steady, with gradient noise, in the direction of step ``a``: the excess loss it leaves (inf if
     unstable). ``Sigma = A Sigma A^T + N N^T`` solved as a linear system in ``vec(Sigma)``."""
-    A, N = step_matrix(rule, a, b), noise_matrix(rule, b)
+    A, N = step_matrix(rule, a, b, f), noise_matrix(rule, b, f)
     if float(max(abs(np.linalg.eigvals(A)))) >= 1.0 - 1e-9:
         return float("inf")
     n = A.shape[0]
@@ -111,10 +119,10 @@ def stationary_excess(rule: str, a: float, b: float) -> float:
     return float(sigma[0, 0])
 
 
-def edge_of_stability(rule: str, b: float, a_max: float = 200.0, tol: float = 1e-6) -> float:
+def edge_of_stability(rule: str, b: float, a_max: float = 200.0, tol: float = 1e-6, f: float = 0.5) -> float:
     """The smallest step ``a`` (scanned, then bisected) past which ``rule`` has spectral radius > 1."""
     def unstable(a: float) -> bool:
-        return float(max(abs(np.linalg.eigvals(step_matrix(rule, a, b))))) > 1 + 1e-9
+        return float(max(abs(np.linalg.eigvals(step_matrix(rule, a, b, f))))) > 1 + 1e-9
 
     grid = np.linspace(1e-3, a_max, 20001)
     hi = next((float(a) for a in grid if unstable(float(a))), None)
@@ -144,6 +152,16 @@ def main(argv: list[str] | None = None) -> int:
     for rule in ("zero1", "dpu", *NOISE):
         ratios = [stationary_excess(rule, a, args.beta1) / stationary_excess("zero1", a, args.beta1) for a in steps]
         print(f"| {rule} | " + " / ".join("unstable" if r == float("inf") else f"{r:.2f}" for r in ratios) + " |")
+    steps = (2.0, 5.0, 10.0, 15.0, 20.0, 25.0, 30.0)
+    print(f"\n| estimate rule, estimate_fraction f (beta1 = {args.beta1}) | edge of stability | E[x^2] relative to "
+          "ZeRO-1's, a = " + " / ".join(f"{a:g}" for a in steps) + " |\n|---|---:|---|")
+    for rule in ("paper", "shift 1.1, 0.2"):
+        for f in FRACTIONS:
+            edge = edge_of_stability(rule, args.beta1, f=f)
+            ratios = [stationary_excess(rule, a, args.beta1, f) / stationary_excess("zero1", a, args.beta1)
+                      for a in steps]
+            print(f"| {rule}, f = {f:g} | {edge:.2f} | "
+                  + " / ".join("unstable" if r == float("inf") else f"{r:.2f}" for r in ratios) + " |")
     return 0
 
 

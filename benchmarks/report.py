@@ -8,11 +8,10 @@ figures that need its ZeRO-1 twin (same model, repetition, bandwidth and host se
 ZeRO-1's M/C and the method's step-time bound (below); and the ``summary`` (medians over repetitions,
 with their min and max) and ``targets`` blocks.
 
-Step-time bounds, from ZeRO-1's compute C and round M of the same setting: ZeRO-1 ``C + M``; DPU
-``max(C, M)``; ACCO ``max(C, 2M)`` (two rounds of M hidden behind one step of compute); ACCO with the
-int8 estimate ``max(C/2, M_est) + max(C/2, M)``: the rounds alternate over the two halves of a step,
-the estimate round (``M_est``, its own measured round time) behind the commit half and the exact commit
-round (``M``) behind the next estimate half.
+Step-time bounds, from ZeRO-1's compute C and round M of the same setting, with the run's split f of a step
+(``acco.estimate_fraction``): ZeRO-1 ``C + M``; DPU ``max(C, M)``; ACCO ``max(f C, M) + max((1 - f) C, M)``
+(the commit round behind the estimate half, the estimate round behind the commit half); ACCO with the int8
+estimate ``max(f C, M) + max((1 - f) C, M_est)``, ``M_est`` the estimate round's own measured time.
 """
 
 from __future__ import annotations
@@ -39,14 +38,17 @@ def _key(run: dict[str, Any]) -> tuple[str, bool, float]:
     return run.get("preset", "tiny"), run["heterogeneous"], run["target_ratio"]
 
 
-def step_bound(case: str, c: float, m: float, m_estimate: float | None) -> float:
+def step_bound(case: str, c: float, m: float, m_estimate: float | None, ga: int = 8,
+               estimate_fraction: float = 0.5) -> float:
     """The step-time bound of a method from ZeRO-1's C and M (and the int8 estimate round's own time).
 
-    The formulas are the planner's (``deepspeed_acco.plan.step_time_s``); adaptive accumulation is
-    bounded like ACCO (its extra micro-batches fill the wait, they do not lengthen the step).
+    The formulas are the planner's (``deepspeed_acco.plan.step_time_s``), with the run's split of a step
+    (``acco.estimate_fraction``; 0.5 for runs recorded before it existed); adaptive accumulation is bounded
+    like ACCO (its extra micro-batches fill the wait, they do not lengthen the step).
     """
     method = "acco" if case == "acco_adaptive" else case
-    return step_time_s(method, Timing(c, m, m_estimate if m_estimate is not None else m))[0]
+    timing = Timing(c, m, m_estimate if m_estimate is not None else m, ga, estimate_fraction=estimate_fraction)
+    return step_time_s(method, timing)[0]
 
 
 def _med(values: list[Any]) -> Any:
@@ -72,7 +74,8 @@ def add_derived(result: dict[str, Any]) -> None:
         c, m = z["compute_s"], z["comm_s"]
         run["zero1_M_over_C"] = m / c if c else None
         run["M_over_C"] = run["round_s"] / run["compute_s"] if run["compute_s"] else None
-        run["limit_s"] = step_bound(run["case"], c, m, run.get("estimate_round_s"))
+        run["limit_s"] = step_bound(run["case"], c, m, run.get("estimate_round_s"), run.get("ga", 8),
+                                    run.get("estimate_fraction") or 0.5)
         run["step_time_over_limit"] = run["step_time_s"] / run["limit_s"] if run["limit_s"] else None
         run["speedup_vs_zero1"] = z["step_time_s"] / run["step_time_s"]
         run["samples_per_s_vs_zero1"] = run["samples_per_s"] / z["samples_per_s"]

@@ -86,6 +86,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="examples/train_lm.py model presets, one sweep each (quick: tiny,dense; smoke: tiny)")
     p.add_argument("--micro_batch", type=int, default=None, help="micro-batch (default: 8 for tiny, 4 for dense)")
     p.add_argument("--ga", type=int, default=4)
+    p.add_argument("--estimate_fraction", type=float, default=None,
+                   help="acco.estimate_fraction of the ACCO cases (default: the package's, 0.75; 0.5: equal halves, "
+                   "as the committed results before it became the default)")
     p.add_argument("--hetero_slowdown", type=float, default=3.0,
                    help="the slow host gets 1/this of its core (cgroup CPU quota); 0 disables the heterogeneous run")
     p.add_argument("--hetero_ratio", type=float, default=0.5,
@@ -246,6 +249,8 @@ class Launcher:
         worker_args = ["--methods", ",".join(methods), "--steps", str(steps), "--preset", self.args.preset,
                        "--micro_batch", str(self.args.micro_batch), "--ga", str(self.args.ga),
                        "--probe_s", str(probe_s), "--timeout_s", str(max(60.0, timeout_s)), *(extra or [])]
+        if self.args.estimate_fraction is not None:
+            worker_args += ["--estimate_fraction", str(self.args.estimate_fraction)]
         try:
             for k in reversed(range(RANKS)):  # rank 1 first: rank 0 hosts the store
                 env = ["env", f"RANK={k}", f"WORLD_SIZE={RANKS}", "LOCAL_RANK=0", "LOCAL_SIZE=1",
@@ -373,7 +378,8 @@ def summarize_case(case: dict[str, Any], skip: int) -> dict[str, Any]:
     rounds = [counts for rec in r0["records"] if rec["step"] in kept for counts in rec["round_counts"]]
     return {
         "method": case["method"], "case": case["case"], "adaptive_accumulation": r0["adaptive_accumulation"],
-        "steps": steps, "tokens": tokens, "samples": tokens // r0["seq_len"],
+        "estimate_fraction": r0.get("estimate_fraction"), "steps": steps, "tokens": tokens,
+        "samples": tokens // r0["seq_len"],
         "step_time_s": step_time, "step_time_s_per_rank": per_rank_step,
         "compute_s": compute_s, "comm_s": comm_s, "round_s": m, "rounds_per_step": rounds_per_step,
         "estimate_round_s": _median(estimate_round), "commit_round_s": _median(commit_round),

@@ -57,7 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", default="tiny", help="examples/train_lm.py model preset")
     p.add_argument("--seq_len", type=int, default=None, help="tokens per sequence (default: the preset's)")
     p.add_argument("--micro_batch", type=int, default=8, help="train_micro_batch_size_per_gpu")
-    p.add_argument("--ga", type=int, default=4, help="gradient_accumulation_steps (even, for acco)")
+    p.add_argument("--ga", type=int, default=4, help="gradient_accumulation_steps (at least 2, for acco)")
+    p.add_argument("--estimate_fraction", type=float, default=None,
+                   help="acco.estimate_fraction (default: the package's, 0.75; 0.5: the paper's equal halves)")
     p.add_argument("--max_micro_factor", type=int, default=4,
                    help="adaptive: acco.max_micro_batches_per_round = factor x (ga/2)")
     p.add_argument("--eval_batches", type=int, default=8, help="held-out micro-batches (split over ranks)")
@@ -98,6 +100,8 @@ def build_config(method: str, args: argparse.Namespace) -> dict[str, Any]:
         config["acco"]["lr_scaling"] = "sqrt" if method == "acco_adaptive_sqrt" else "none"
     if "acco" in config:
         config["acco"]["round_timeout_s"] = args.timeout_s
+        if args.estimate_fraction is not None:
+            config["acco"]["estimate_fraction"] = args.estimate_fraction
     return config
 
 
@@ -322,7 +326,8 @@ def run_case(method: str, args: argparse.Namespace, corpus: Any, eval_set: list[
     out = {
         "method": "zero1" if method == "zero1" else ("dpu" if method == "dpu" else "acco"),
         "case": method, "adaptive_accumulation": adaptive, "rank": rank, "world_size": world,
-        "acco": acco, "steps": engine.global_steps, "n_params": n_params, "micro_batch": args.micro_batch,
+        "acco": acco, "estimate_fraction": deepspeed_acco.get_acco_config(config).estimate_fraction if acco else None,
+        "steps": engine.global_steps, "n_params": n_params, "micro_batch": args.micro_batch,
         "ga": args.ga, "seq_len": args.seq_len, "tokens_per_micro_batch": tokens_per_micro,
         "commit_t": commit_t, "train_s": train_s, "step_loss": step_loss, "step_local_micro": step_local_micro,
         "micro_s": micro_s, "micro_boundary_s": micro_boundary_s, "records": records, "tx_bytes": tx,

@@ -64,9 +64,15 @@ _NOTES = """\
 
 What the measurements and the schedule add to the field descriptions above:
 
-- `gradient_accumulation_steps` must be even in mode `"acco"`: each optimizer step is an estimate half and a
-  commit half of `gradient_accumulation_steps / 2` micro-batches each, so a committed step consumes exactly
+- `gradient_accumulation_steps` must be at least 2 in mode `"acco"`: each optimizer step is an estimate half
+  and a commit half (split by `estimate_fraction`: 3 + 1 of 4 by default), so a committed step consumes exactly
   ZeRO-1's `train_batch_size`.
+- `estimate_fraction`: 0.75 (the default) closed most of the gap to ZeRO-1 that the paper's equal halves leave
+  at the 10.8M-parameter `small` preset with a 100-step warm-up ([Convergence](convergence.md#a-larger-estimate-half)),
+  and costs overlap where a full-precision round is longer than the commit half's compute (a quarter of a step);
+  `python -m deepspeed_acco.plan --compute_s C --round_s M ...` predicts both splits' step times from measured C
+  and M. `0.5` restores the paper's split (the step-time results in [Performance](performance.md) were measured
+  with it).
 - `adaptive_accumulation`: gradients are summed over the ranks and divided by the global micro-batch count,
   so every micro-batch weighs the same however many each rank contributed. It needs `engine.step()` after
   every micro-batch (ACCO decides the boundaries itself).
@@ -74,8 +80,9 @@ What the measurements and the schedule add to the field descriptions above:
   target ([Performance](performance.md#time-to-target)): on the tiny model `"sqrt"` did not help (1 of 3
   seeds reached ZeRO-1's loss within the cap at M/C 2), so the default is `"none"`.
 - `estimate_compression`: measured 1.17x ZeRO-1's bytes per step on the wire instead of 2x
-  ([Performance](performance.md)). Turn it on where a ZeRO-1 round is longer than about half a step
-  (M/C >= 0.5): there it was the fastest ACCO variant; on fast links its quantizing CPU made it slower than
+  ([Performance](performance.md)). Turn it on where a ZeRO-1 round is longer than the commit half's compute
+  (M/C above 0.25 with the default split, above 0.5 with equal halves, where it was measured the fastest ACCO
+  variant); on fast links its quantizing CPU made it slower than
   plain ACCO on the CPU test bed. Held-out loss and tokens to target equal plain ACCO's. In mode `"dpu"` it is
   ignored with a warning. How it works: [the compressed estimate round](how-it-works.md#the-compressed-estimate-round).
 - `estimate`: the default `"extrapolated"` computes the estimate half's gradients slightly ahead of the paper's
@@ -92,7 +99,8 @@ What the measurements and the schedule add to the field descriptions above:
 - The LR schedule (not a key of the block): `initialize` logs a warning, and refuses nothing, when DeepSpeed's
   own `WarmupLR`, `WarmupDecayLR` or `WarmupCosineLR` warms up over fewer than 100 steps
   (`scheduler.params.warmup_num_steps`) or no scheduler is configured. ACCO's estimate lowers the edge of
-  stability to about 1/(1+beta1) of ZeRO-1's, and such runs spike and trail ZeRO-1
+  stability below ZeRO-1's (to about 3/4 of it with the default split, 1/(1+beta1) with equal halves), and such
+  runs can spike and trail ZeRO-1
   ([Why ACCO can trail ZeRO-1](how-it-works.md#why-acco-can-trail-zero-1)). A scheduler passed to `initialize`
   (the HF Trainer's) is not inspected.
 - ACCO sets DeepSpeed's `timers.throughput.synchronized` to false: a device-wide synchronize per micro-batch

@@ -9,14 +9,15 @@ issued here is the all-reduce that aligns the ranks' halves when the caller ends
 adaptive accumulation (``end_step_early``). What a checkpoint holds of the pipeline, and how a
 load restores it, is in ``pipeline_state.py``; ``state_dict``/``load_state_dict`` call it.
 
-Boundaries (counted in micro-batches on this rank, ``k = gradient_accumulation_steps / 2``):
+Boundaries (counted in micro-batches on this rank; ``config.split_micro_batches`` splits a step's
+``gradient_accumulation_steps`` into an estimate half and a commit half by ``acco.estimate_fraction``):
 
-- mode ``acco``: every k micro-batches; odd boundaries launch an estimate round, even ones a
-  commit round. A commit boundary is the engine's accumulation boundary: ``engine.step()``
-  launches it, steps the LR scheduler and counts ``global_steps``.
+- mode ``acco``: an estimate half's micro-batches, then a boundary that launches an estimate round; a
+  commit half's, then a boundary that launches a commit round. A commit boundary is the engine's
+  accumulation boundary: ``engine.step()`` launches it, steps the LR scheduler and counts ``global_steps``.
 - mode ``dpu``: every ``gradient_accumulation_steps`` micro-batches, each a commit.
-- ``adaptive_accumulation``: a boundary comes after at least k micro-batches, as soon as the round
-  in flight has finished (or at ``max_micro_batches_per_round``).
+- ``adaptive_accumulation``: a boundary comes after at least the half's micro-batches, as soon as the
+  round in flight has finished (or at ``max_micro_batches_per_round``).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ from deepspeed_acco.pipeline import (
     rank_partition,
 )
 from deepspeed_acco.pipeline_state import ACCO_STATE_KEY
+from deepspeed_acco.split import split_micro_batches
 
 __all__ = ["AccoNonFiniteGradients", "AccoZeroOptimizer", "ACCO_STATE_KEY"]
 
@@ -96,8 +98,11 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         ga = int(kwargs.get("gradient_accumulation_steps", 1))
         self._ga = ga
         self._mode = acco_config.mode
-        self._min_micro = ga // 2 if self._mode == "acco" else ga
-        self._max_micro = acco_config.max_micro_batches_per_round or 4 * self._min_micro
+        # The minimum micro-batches of each half of a step (dpu: one half, the commit).
+        estimate_half, commit_half = split_micro_batches(ga, acco_config.estimate_fraction) \
+            if self._mode == "acco" else (ga, ga)
+        self._half_micro = {RoundKind.ESTIMATE: estimate_half, RoundKind.COMMIT: commit_half}
+        self._max_micro = acco_config.max_micro_batches_per_round or 2 * ga
         self._adaptive = acco_config.adaptive_accumulation
         self._lr_sqrt = acco_config.lr_scaling == "sqrt"
         self._timeout_s = acco_config.round_timeout_s
@@ -126,7 +131,7 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
             compression=acco_config.estimate_compression if self._mode == "acco" else "none",
             block=acco_config.compression_block_size, estimate_shift=shift,
             stream=self._stream)
-        for key in ("estimate_compression", "estimate"):
+        for key in ("estimate_compression", "estimate", "estimate_fraction"):
             if getattr(acco_config, key) != AccoConfig.model_fields[key].default and self._mode != "acco":
                 logger.warning(f"ACCO: acco.{key}={getattr(acco_config, key)!r} is ignored in "
                                f"acco.mode={self._mode!r} (it has no estimate round)")
@@ -210,7 +215,7 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
             self._commit_pending = True
 
     def _boundary_reached(self) -> bool:
-        if self._micro < self._min_micro:
+        if self._micro < self._half_micro[self._next_kind]:
             return False
         if not self._adaptive or self._in_flight is None or self._micro >= self._max_micro:
             return True
@@ -259,7 +264,7 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         if in_estimate_half and not self._warned_short_steps:
             self._warned_short_steps = True
             logger.warning(f"ACCO: the caller ended an optimizer step after {self._step_micro} micro-batch(es), "
-                           f"inside the estimate half (the first {self._min_micro} of "
+                           f"inside the estimate half (the first {self._half_micro[RoundKind.ESTIMATE]} of "
                            f"gradient_accumulation_steps={self._ga}): that step waits for its commit round. Fine "
                            "at the end of an epoch; if every step is this short, set DeepSpeed's "
                            "gradient_accumulation_steps to the caller's (logged once)")
@@ -323,8 +328,8 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
                          base_flats=list(self.bit16_groups_flat) if kind is RoundKind.ESTIMATE else [],
                          estimate_at=estimate_at,
                          loss_divisor=self._loss_divisor(kind), ready_event=ready,
-                         lr_nominal_per_half=self._world * self._min_micro if self._lr_sqrt else 0,
-                         lr_max_kappa=self._max_micro / self._min_micro)
+                         lr_nominal=(self._world * self._half_micro[RoundKind.ESTIMATE],
+                                     self._world * self._half_micro[RoundKind.COMMIT]) if self._lr_sqrt else (0, 0))
         if kind is RoundKind.ESTIMATE:
             self._estimate_loss_scale = loss_scale
         self._in_flight = self._worker.submit(spec)

@@ -126,13 +126,12 @@ class RoundSpec:
     short step itself). The round multiplies it back and divides by the global micro-batch count."""
     ready_event: Any = None
     """CUDA event recorded on the compute stream after the last accumulation (None on CPU)."""
-    lr_nominal_per_half: int = 0
-    """``acco.lr_scaling="sqrt"``: the global micro-batch count of one nominal half of a step (world size
-    x the minimum per round); the round's LR is multiplied by ``sqrt(min(kappa, lr_max_kappa))``, kappa =
-    its global count over this times the halves it sums (2 for a commit that adds a carried estimate).
-    0: the LR as launched."""
-    lr_max_kappa: float = 1.0
-    """The largest kappa: ``max_micro_batches_per_round`` over the minimum per round."""
+    lr_nominal: tuple[int, int] = (0, 0)
+    """``acco.lr_scaling="sqrt"``: the global micro-batch counts of a nominal estimate half and commit half
+    (world size x each half's minimum per rank). The round's LR is multiplied by ``sqrt(kappa)``, kappa = its
+    global count over its nominal count: the estimate half's, plus the commit half's for a commit that adds a
+    carried estimate. kappa is at most ``max_micro_batches_per_round`` over a half's minimum, since no half
+    accumulates more. (0, 0): the LR as launched."""
 
 
 @dataclass
@@ -255,12 +254,12 @@ class ShardedRound:
             with _timed(phase, phase_cpu, "reduce_scatter"):
                 sums = self._reduce_scatter_quantized(spec) if self._compressed(spec) else \
                     self._reduce_scatter_grads(spec)
-            halves = 2 if spec.kind is RoundKind.COMMIT and self._carried is not None else 1
+            both_halves = spec.kind is RoundKind.COMMIT and self._carried is not None
             with _timed(phase, phase_cpu, "norm"):
                 counts, total, sumsq = self._all_reduce_counts_and_norm(spec, sums)
             norm = (sumsq ** 0.5) * spec.loss_divisor / total if total else 0.0
             overflow = not (sumsq == sumsq and sumsq != float("inf"))
-            lr_factor = _lr_factor(spec, total, halves)
+            lr_factor = _lr_factor(spec, total, both_halves)
             with _timed(phase, phase_cpu, "step"):
                 stepped = self._step_shard(spec, sums, total, norm, overflow, lr_factor)
                 if spec.estimate_at and not overflow:
@@ -422,11 +421,12 @@ def _step_with_hyperparams(optimizer: torch.optim.Optimizer, hyperparams: list[d
     view.step()
 
 
-def _lr_factor(spec: RoundSpec, total: int, halves: int) -> float:
-    """``sqrt(min(kappa, cap))`` under ``acco.lr_scaling="sqrt"`` (kappa: batch over nominal batch), else 1."""
-    if spec.lr_nominal_per_half <= 0 or total <= 0:
+def _lr_factor(spec: RoundSpec, total: int, both_halves: bool) -> float:
+    """``sqrt(kappa)`` under ``acco.lr_scaling="sqrt"`` (kappa: the round's batch over its nominal batch), else 1."""
+    nominal = spec.lr_nominal[0] + (spec.lr_nominal[1] if both_halves else 0)
+    if nominal <= 0 or total <= 0:
         return 1.0
-    return math.sqrt(min(total / (spec.lr_nominal_per_half * halves), spec.lr_max_kappa))
+    return math.sqrt(total / nominal)
 
 
 @contextlib.contextmanager

@@ -25,7 +25,7 @@ at any micro-batch, each rank also writes, under ``ACCO_STATE_KEY`` of its optim
 - the schedule's counters (step, round index, micro-batches in this half and this step, a pending
   commit, the next round's kind, non-finite steps), the metrics records of steps still open, and
   the engine's ``micro_steps``;
-- what the state is valid for: mode, estimate compression, micro-batches per round, world size,
+- what the state is valid for: mode, estimate compression, micro-batches of each half, world size,
   flat sizes. A checkpoint that differs in any of them, or has no ACCO state (plain ZeRO-1,
   universal, ``load_optimizer_states=False``), restarts the pipeline from the loaded committed
   parameters, as at the start of training.
@@ -92,7 +92,8 @@ def save_pipeline_state(opt: AccoZeroOptimizer) -> dict[str, Any]:
         "format": STATE_FORMAT,
         "mode": opt._mode,
         "compression": opt._round.compression,
-        "min_micro": opt._min_micro,
+        "min_micro": opt._half_micro[RoundKind.ESTIMATE],
+        "commit_min_micro": opt._half_micro[RoundKind.COMMIT],
         "world_size": opt._world,
         "flat_numels": [flat.numel() for flat in opt.bit16_groups_flat],
         "step": opt._step,
@@ -137,13 +138,16 @@ def incompatibility(opt: AccoZeroOptimizer, acco: dict[str, Any] | None) -> str 
         return "the checkpoint has no ACCO state"
     if acco.get("format") not in _READABLE_FORMATS:
         return f"unknown ACCO state format {acco.get('format')!r}"
-    saved = (acco["mode"], acco.get("compression", "none"), acco["min_micro"], acco["world_size"],
+    # Checkpoints saved before acco.estimate_fraction existed have equal halves (no commit_min_micro).
+    saved = (acco["mode"], acco.get("compression", "none"), acco["min_micro"],
+             acco.get("commit_min_micro", acco["min_micro"]), acco["world_size"],
              acco["flat_numels"])
-    current = (opt._mode, opt._round.compression, opt._min_micro, opt._world,
+    current = (opt._mode, opt._round.compression, opt._half_micro[RoundKind.ESTIMATE],
+               opt._half_micro[RoundKind.COMMIT], opt._world,
                [f.numel() for f in opt.bit16_groups_flat])
     if saved != current:
-        return (f"saved with (mode, estimate compression, micro-batches per round, world size, flat sizes) "
-                f"{saved}, running {current}")
+        return (f"saved with (mode, estimate compression, micro-batches of the estimate half and of the commit "
+                f"half, world size, flat sizes) {saved}, running {current}")
     return None
 
 
@@ -193,7 +197,8 @@ def _restore(opt: AccoZeroOptimizer, acco: dict[str, Any]) -> None:
     opt._estimate_loss_scale = acco.get("estimate_loss_scale", 1.0)
     opt._micro = acco["micro"]
     in_commit_half = opt._mode == "acco" and acco["next_kind"] == RoundKind.COMMIT.value
-    opt._step_micro = acco.get("step_micro", opt._micro + (opt._min_micro if in_commit_half else 0))
+    estimate_half = opt._half_micro[RoundKind.ESTIMATE] if in_commit_half else 0
+    opt._step_micro = acco.get("step_micro", opt._micro + estimate_half)
     opt._commit_pending = acco["commit_pending"]
     opt._next_kind = RoundKind(acco["next_kind"])
     opt._step = acco["step"]

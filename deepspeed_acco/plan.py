@@ -14,15 +14,17 @@ them from ``examples/train_lm.py``'s ``metrics.jsonl`` or any JSON lines of ``St
 estimate them: ``C = 6 x parameters x tokens / achieved FLOP/s`` and ``M`` from the bytes a ring
 reduce-scatter and all-gather move through each node's link.
 
-How each method composes them (the schedule in ``acco-algorithm.md``; each ACCO half-step computes
-``C/2`` while the round launched at its start runs):
+How each method composes them (the schedule in ``acco-algorithm.md``). An ACCO step has an estimate half
+that computes ``f C`` (``f`` = ``acco.estimate_fraction`` as split into micro-batches, 0.75 by default) while
+the previous step's commit round runs, and a commit half that computes ``(1 - f) C`` while the estimate round
+runs:
 
 - ZeRO-1: ``C + M``, nothing overlaps.
-- ACCO: ``max(C/2, M) + max(C/2, M)``: two rounds per step, each behind half a step of compute.
-- ACCO, int8 estimate: ``max(C/2, M_est) + max(C/2, M)``: the compressed estimate round behind the
-  commit half, the exact commit round behind the next estimate half.
+- ACCO: ``max(f C, M) + max((1 - f) C, M)``: two rounds per step, each behind one half of the step's compute.
+- ACCO, int8 estimate: ``max(f C, M) + max((1 - f) C, M_est)``: the exact commit round behind the estimate
+  half, the compressed estimate round behind the commit half.
 - ACCO, adaptive: each half computes ``n`` micro-batches, ``n`` = enough to cover the round in flight,
-  between ``gradient_accumulation_steps / 2`` and the cap; a step then carries more tokens.
+  between the half's minimum and the cap; a step then carries more tokens.
 - DPU: ``max(C, M)``: one round per step, gradients one step stale.
 
 The model assumes identical ranks, a ring over the nodes (each node's link carries ``(W-1)/W`` of the
@@ -34,12 +36,15 @@ checks: ``benchmarks/plan_check.py`` compares the prediction with every cell of 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+
+from deepspeed_acco.split import split_micro_batches
 
 __all__ = ["METHODS", "Cluster", "Timing", "Prediction", "half_step_s", "step_time_s", "timing_from_cluster",
            "int8_estimate_fraction", "predict", "recommend", "main"]
@@ -89,10 +94,17 @@ class Timing:
     micro_batches: int = 8
     """``gradient_accumulation_steps`` (micro-batches per rank per step)."""
     max_micro_batches_per_round: int | None = None
-    """``acco.max_micro_batches_per_round`` (default 4 x ``micro_batches / 2``)."""
+    """``acco.max_micro_batches_per_round`` (default 2 x ``micro_batches``)."""
     slowest_factor: float = 1.0
     """Ranks of two speeds, half of each (mixed GPU generations): the slow ranks' micro-batch time over
     the fast ones'. Every method but adaptive accumulation waits for the slow ranks' ``micro_batches``."""
+    estimate_fraction: float = 0.75
+    """``acco.estimate_fraction``: the estimate half's share of a step's micro-batches (0.5: the paper's halves)."""
+
+    def halves(self) -> tuple[float, float]:
+        """The estimate half's and the commit half's shares of a step's compute, as whole micro-batches."""
+        estimate, commit = split_micro_batches(self.micro_batches, self.estimate_fraction)
+        return estimate / self.micro_batches, commit / self.micro_batches
 
 
 @dataclass(frozen=True)
@@ -138,20 +150,23 @@ def step_time_s(method: str, timing: Timing) -> tuple[float, float]:
         return c + m, ga
     if method == "dpu":
         return max(c, m), ga
-    if method == "acco":
-        return half_step_s(c / 2, m)[0] + half_step_s(c / 2, m)[0], ga
+    f_est, f_commit = timing.halves()
+    if method == "acco":  # the commit round behind the estimate half, the estimate round behind the commit half
+        return half_step_s(f_est * c, m)[0] + half_step_s(f_commit * c, m)[0], ga
     if method == "acco_int8":
-        return half_step_s(c / 2, timing.estimate_round_s)[0] + half_step_s(c / 2, m)[0], ga
+        return half_step_s(f_est * c, m)[0] + half_step_s(f_commit * c, timing.estimate_round_s)[0], ga
     if method == "acco_adaptive":
-        cap = timing.max_micro_batches_per_round or 4 * max(1, ga // 2)
+        cap = timing.max_micro_batches_per_round or 2 * ga
         t_slow = c / ga
-        # Both rounds of a step are full-precision rounds of M: the two halves are alike.
-        half, n = half_step_s(c / 2, m, t_slow, cap)
-        if timing.slowest_factor > 1.0:  # the fast half of the ranks fill the half-step the slow half sets
-            t = timing.compute_s / ga
-            n_fast = min(cap, max(ga / 2, math.floor(half / t + 1e-9)))
-            n = (n + n_fast) / 2
-        return 2 * half, 2 * n
+        step, micro = 0.0, 0.0
+        for share in (f_est, f_commit):  # both rounds are full-precision rounds of M
+            half, n = half_step_s(share * c, m, t_slow, cap)
+            if timing.slowest_factor > 1.0:  # the fast half of the ranks fill the half-step the slow half sets
+                t = timing.compute_s / ga
+                n_fast = min(cap, max(share * ga, math.floor(half / t + 1e-9)))
+                n = (n + n_fast) / 2
+            step, micro = step + half, micro + n
+        return step, micro
     raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
@@ -205,7 +220,7 @@ def recommend(predictions: list[Prediction]) -> tuple[str, str]:
                          f"int8 estimate {int8:.3g} s per step): the link is fast enough for ZeRO-1")
     if acco < MIN_GAIN * int8:
         return "acco", f"ACCO overlaps the rounds with compute: {zero1 / acco:.2f}x ZeRO-1's step rate"
-    return "acco_int8", (f"the rounds are longer than half a step; the int8 estimate shortens one of them: "
+    return "acco_int8", (f"a round is longer than the half of a step it hides behind; the int8 estimate shortens one: "
                          f"{zero1 / int8:.2f}x ZeRO-1's step rate (plain ACCO {zero1 / acco:.2f}x)")
 
 
@@ -249,7 +264,8 @@ def report(timing: Timing, world_size: int, tokens_per_rank_per_step: float, hea
         f"C   compute per step      {_fmt_s(timing.compute_s)} s",
         f"M   one round             {_fmt_s(timing.round_s)} s   (int8 estimate round: "
         f"{_fmt_s(timing.estimate_round_s)} s)",
-        f"M/C                       {timing.round_s / timing.compute_s:.2f}   (ACCO hides the rounds below 0.5)",
+        f"M/C                       {timing.round_s / timing.compute_s:.2f}   (ACCO hides both rounds below "
+        f"{min(timing.halves()):.2f}, the commit round below {timing.halves()[0]:.2f})",
         "",
         f"{'method':<24}{'step (s)':>10}{'tokens/s':>14}{'vs ZeRO-1':>11}",
     ]
@@ -303,6 +319,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tokens_per_rank_per_step", type=int, help="micro-batch x seq len x accumulation steps")
     p.add_argument("--flops", type=float, help="achieved FLOP/s per rank on this model, e.g. 3e14")
     p.add_argument("--ga", type=int, help="gradient_accumulation_steps (default 8, or what --metrics shows)")
+    p.add_argument("--estimate_fraction", type=float, default=0.75,
+                   help="acco.estimate_fraction: the estimate half's share of a step (default 0.75; 0.5: equal halves)")
     p.add_argument("--comm_bytes", type=int, default=2, choices=(2, 4), help="bytes per value sent (default 2)")
     p.add_argument("--link_efficiency", type=float, default=0.8, help="share of the link reached (default 0.8)")
     p.add_argument("--compute_s", type=float, help="measured C: compute per step, seconds")
@@ -333,6 +351,8 @@ def main(argv: list[str] | None = None) -> int:
                 setattr(a, key, int(round(value)) if key in ("world_size", "ga", "tokens_per_rank_per_step")
                         else value)
     a.ga = a.ga or 8
+    if not 0.0 < a.estimate_fraction < 1.0:
+        parser.error(f"--estimate_fraction must be between 0 and 1 (exclusive), got {a.estimate_fraction}")
     missing = [k for k in ("world_size", "tokens_per_rank_per_step") if getattr(a, k) is None]
     measured = a.compute_s is not None or a.round_s is not None
     if measured:
@@ -346,13 +366,13 @@ def main(argv: list[str] | None = None) -> int:
         est = a.estimate_round_s
         if est is None:
             est = a.round_s * int8_estimate_fraction(a.world_size, a.ranks_per_node, a.comm_bytes)
-        timing = Timing(a.compute_s, a.round_s, est, a.ga)
+        timing = Timing(a.compute_s, a.round_s, est, a.ga, estimate_fraction=a.estimate_fraction)
         header = [f"measured: C {a.compute_s:g} s, M {a.round_s:g} s; {a.world_size} ranks, "
                   f"{a.tokens_per_rank_per_step:,} tokens per rank per step"]
     else:
         cluster = Cluster(a.params, a.world_size, a.ranks_per_node, a.link_gbit, a.tokens_per_rank_per_step, a.flops,
                           a.comm_bytes, a.link_efficiency)
-        timing = timing_from_cluster(cluster, a.ga)
+        timing = dataclasses.replace(timing_from_cluster(cluster, a.ga), estimate_fraction=a.estimate_fraction)
         nodes = math.ceil(a.world_size / a.ranks_per_node)
         header = [f"estimated: {a.params:.3g} parameters, {a.world_size} ranks ({nodes} nodes x {a.ranks_per_node}), "
                   f"{a.link_gbit:g} Gbit/s per node at {a.link_efficiency:.0%}, "

@@ -22,8 +22,10 @@ Schedules (``T = num_steps``, ``GA = gradient_accumulation_steps``):
 
 * ``sync``: plain ZeRO-1 with gradient accumulation. Per step each rank computes ``GA``
   micro-batches at ``theta_t`` and ``theta_{t+1} = Opt(theta_t, G_t / (N * GA))``.
-* ``acco``: ``k = GA // 2``. Step ``t`` has an estimate round (round ``2t``) and a commit
-  round (round ``2t + 1``). ``G~_t`` is computed at ``theta~_t`` (``theta~_0 = theta_0``),
+* ``acco``: ``k~ + k = GA`` micro-batches per rank, ``k~`` of the estimate half
+  (``estimate_micro_batches``, default ``GA // 2``, the paper's equal halves) and ``k`` of the
+  commit half. Step ``t`` has an estimate round (round ``2t``) and a commit round (round
+  ``2t + 1``). ``G~_t`` is computed at ``theta~_t`` (``theta~_0 = theta_0``),
   ``theta~_{t+1} = Opt(theta_t, G~_t / c~)`` after which master weights and optimizer state
   are restored exactly; ``G_t`` is computed at ``theta_t`` and
   ``theta_{t+1} = Opt(theta_t, (G~_t + G_t) / (c~ + c))``. Each rank consumes its
@@ -364,9 +366,9 @@ def reference_train(
     estimate_compression: Literal["none", "int8"] = "none",
     block: int = 256,
     lr_scaling: Literal["none", "sqrt"] = "none",
-    max_micro_batches_per_round: int | None = None,
     lr_factors: list[float] | None = None,
     estimate_shift: tuple[float, float] = (1.0, 0.0),
+    estimate_micro_batches: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Simulate ``len(batches)`` data-parallel ranks and return the committed parameters.
 
@@ -378,7 +380,8 @@ def reference_train(
         mode: ``"sync"`` (ZeRO-1), ``"acco"`` or ``"dpu"``.
         num_steps: number ``T`` of committed optimizer steps.
         gradient_accumulation_steps: ``GA``. sync: ``GA`` micro-batches per rank per step;
-            acco: ``k = GA // 2`` per round (``GA`` must be even); dpu: ``GA`` per round.
+            acco: ``estimate_micro_batches`` for the estimate round, the rest for the commit round;
+            dpu: ``GA`` per round.
         lr: constant learning rate, or ``lr(t)``, the learning rate of every round of
             committed step ``t``.
         betas: AdamW betas.
@@ -406,15 +409,17 @@ def reference_train(
         block: elements per quantization block.
         lr_scaling: ``"sqrt"`` (acco, adaptive accumulation): a round of ``c`` micro-batches over
             all ranks, summing ``h`` halves of a step (2 for a commit with its estimate half, else 1),
-            runs at ``lr(t) * sqrt(min(c / (N * k * h), cap / k))``, ``k = GA // 2``, ``cap`` =
-            ``max_micro_batches_per_round`` (default ``4 k``): a batch kappa times the nominal one gets
-            sqrt(kappa) times the LR.
-        max_micro_batches_per_round: the per-rank cap of a round, bounding kappa.
+            runs at ``lr(t) * sqrt(c / (N * n))``, ``n`` the nominal micro-batches per rank of the halves it
+            sums (``k~`` for an estimate round or a commit of an estimate half alone, ``GA`` for a commit
+            with its estimate half): a batch kappa times the nominal one gets sqrt(kappa) times the LR.
         lr_factors: if given, a list the factor of every round is appended to (in round order).
         estimate_shift: ``(s, k)``: the estimate is theta_t + s (Opt(theta_t, G~_t) - theta_t)
             + k (theta~_t - theta_t), theta~_t being where G~_t was computed (theta_t itself at the start
             and after a restart); ``(1, 0)`` is the paper's estimate, ``acco.estimate="extrapolated"``
             is ``(1.1, 0.2)``. Compressed: the quantized update is this whole shift.
+        estimate_micro_batches: acco: ``k~``, the estimate half's micro-batches per rank (``1 .. GA - 1``);
+            ``None``: ``GA // 2`` (``GA`` must then be even). ``acco.estimate_fraction=0.75`` with ``GA = 4``
+            is 3.
 
     Returns:
         ``theta_T`` as ``name -> fp32 tensor`` in ``model.named_parameters()`` order.
@@ -432,16 +437,19 @@ def reference_train(
     if counts is None and step_rounds is None:
         if ga < 1:
             raise ValueError("gradient_accumulation_steps must be >= 1")
-        if mode == "acco" and ga % 2 != 0:
-            raise ValueError("acco needs an even gradient_accumulation_steps")
+        if mode == "acco" and estimate_micro_batches is None and ga % 2 != 0:
+            raise ValueError("acco with equal halves needs an even gradient_accumulation_steps")
+        if mode == "acco" and estimate_micro_batches is not None and not 1 <= estimate_micro_batches < ga:
+            raise ValueError("estimate_micro_batches must be in 1 .. gradient_accumulation_steps - 1")
     if step_rounds is None:
         _check_counts(counts, rounds_per_step(mode) * num_steps, num_ranks)
 
-    per_round = ga // 2 if mode == "acco" else ga
+    k_est = (estimate_micro_batches or ga // 2) if mode == "acco" else ga
+    per_round = [k_est, ga - k_est] if mode == "acco" else [ga]
     if step_rounds is None:
         per_step = rounds_per_step(mode)
         step_rounds = [
-            [list(counts[per_step * t + r]) if counts is not None else [per_round] * num_ranks
+            [list(counts[per_step * t + r]) if counts is not None else [per_round[r]] * num_ranks
              for r in range(per_step)]
             for t in range(num_steps)
         ]
@@ -456,14 +464,11 @@ def reference_train(
     # Where the first (or only) round of the next step computes its gradients: theta_0 at the
     # start; then theta~_{t+1} (acco), theta_t (dpu: one step stale) or theta_{t+1} (sync, and
     # acco after a step the caller ended inside its estimate half: the pipeline restarts there).
-    k = max(1, ga // 2)
-    max_kappa = (max_micro_batches_per_round or 4 * k) / k
-
-    def factor(count: int, halves: int) -> float:
+    def factor(count: int, nominal_per_rank: int) -> float:
         if lr_scaling == "none":
             f = 1.0
         else:
-            f = min(count / (num_ranks * k * halves), max_kappa) ** 0.5
+            f = (count / (num_ranks * nominal_per_rank)) ** 0.5
         if lr_factors is not None:
             lr_factors.append(f)
         return f
@@ -482,7 +487,7 @@ def reference_train(
             # Estimate round: theta~_{t+1} = Opt(theta_t, G~_t), then exact rollback.
             # Meanwhile the compute side accumulates G_t at theta_t.
             theta_t = sim.snapshot_params()
-            theta_est = sim.tentative_step(first_sums, first_count, t, factor(first_count, 1))
+            theta_est = sim.tentative_step(first_sums, first_count, t, factor(first_count, k_est))
             if estimate_shift != (1.0, 0.0):
                 scale, carry = estimate_shift  # not k: that name is the micro-batches per round
                 theta_est = [x + scale * (e - x) + carry * (c - x)
@@ -497,13 +502,13 @@ def reference_train(
             # Commit round: theta_{t+1} = Opt(theta_t, (G~_t + G_t) / (c~ + c)); meanwhile the
             # compute side accumulates G~_{t+1} at theta~_{t+1}.
             total = [a + b for a, b in zip(first_sums, sums, strict=True)]
-            sim.step(total, first_count + count, t, factor(first_count + count, 2))
+            sim.step(total, first_count + count, t, factor(first_count + count, ga))
             compute_at = theta_est
         elif mode == "dpu":
             compute_at = sim.snapshot_params()  # theta_t, loaded at this boundary
-            sim.step(first_sums, first_count, t, factor(first_count, 1))  # theta_{t+1} = Opt(theta_t, G(theta_{t-1}))
+            sim.step(first_sums, first_count, t, factor(first_count, ga))  # theta_{t+1} = Opt(theta_t, G(theta_{t-1}))
         else:
             # sync; or acco's commit of an estimate half alone (no estimate round), then restart.
-            sim.step(first_sums, first_count, t, factor(first_count, 1))
+            sim.step(first_sums, first_count, t, factor(first_count, k_est))
             compute_at = sim.snapshot_params()
     return sim.result()

@@ -25,14 +25,23 @@ import torch
 
 from tests.acco_reference import reference_train
 from tests.dist_utils import JobFailure, job_result, run_distributed, run_jobs_isolated
-from tests.workers import DEEPSPEED_DEFAULT_CLIP, DEFAULT_ESTIMATE_SHIFT, base_config, loss_fn, make_batches, make_model
+from tests.workers import (
+    DEEPSPEED_DEFAULT_CLIP,
+    DEFAULT_ESTIMATE_HALF,
+    DEFAULT_ESTIMATE_SHIFT,
+    base_config,
+    loss_fn,
+    make_batches,
+    make_model,
+)
 
 WORLD, GA, LR, SEED = 2, 4, 1e-2, 0
 STEPS = 6  # committed steps of every run
 SAVE_STEP = 3  # the step-boundary checkpoint is taken after this many committed steps
 NUM_MICRO = STEPS * GA + 8
 ACCO_CFG = base_config(GA, LR, acco={"enabled": True})
-PAPER_CFG = base_config(GA, LR, acco={"enabled": True, "estimate": "paper"})
+# The paper's whole schedule: its estimate and equal halves (2 + 2 micro-batches of GA 4).
+PAPER_CFG = base_config(GA, LR, acco={"enabled": True, "estimate": "paper", "estimate_fraction": 0.5})
 DPU_CFG = base_config(GA, LR, acco={"enabled": True, "mode": "dpu"})
 PLAIN_CFG = base_config(GA, LR)
 BF16_CFG = base_config(GA, LR, bf16={"enabled": True}, acco={"enabled": True})
@@ -40,7 +49,9 @@ FP16_CFG = base_config(GA, LR, fp16={"enabled": True, "initial_scale_power": 8, 
                        acco={"enabled": True})
 FP16_INF_AT = 12  # the last micro-batch of step 3: its commit round overflows and is still pending at the save
 # Micro-batch counts (per rank) after which the saving run saves, with the state of the pipeline there.
-# 1 micro-batch into the estimate half, at the estimate boundary, 1 micro-batch into the commit half:
+# With the default split (3 + 1 of GA 4): 1 and 2 micro-batches into the estimate half, at the estimate boundary.
+# With PAPER_CFG's equal halves the same points are 1 micro-batch into the estimate half, at the estimate boundary,
+# 1 micro-batch into the commit half.
 MID_POINTS = {13: "mid13", 14: "mid14", 15: "mid15"}
 BOUNDARY = SAVE_STEP * GA  # 12: right after the commit boundary of step 3
 
@@ -190,7 +201,7 @@ def saved(ckpt_root: Path) -> dict[str, list[dict[str, Any]]]:
         "acco_saving": {"cfg": ACCO_CFG, "steps": STEPS, "saves": acco_saves},
         "paper": {"cfg": PAPER_CFG, "steps": STEPS},
         "paper_saving": {"cfg": PAPER_CFG, "steps": STEPS,
-                         "saves": {n: (str(ckpt_root / "paper"), MID_POINTS[n]) for n in (13, 14)}},
+                         "saves": {n: (str(ckpt_root / "paper"), tag) for n, tag in MID_POINTS.items()}},
         "dpu": {"cfg": DPU_CFG, "steps": STEPS},
         "dpu_saving": {"cfg": DPU_CFG, "steps": STEPS, "saves": {BOUNDARY: (dpu_dir, "step3")}},
         "bf16": {"cfg": BF16_CFG, "steps": STEPS, "dtype": torch.bfloat16},
@@ -239,7 +250,7 @@ def resumed(saved: Any, crashed: Any, ckpt_root: Path) -> dict[str, list[dict[st
         **{tag: {"cfg": ACCO_CFG, "steps": STEPS, "load": (acco_dir, tag)} for tag in MID_POINTS.values()},
         "dpu_step3": {"cfg": DPU_CFG, "steps": STEPS, "load": (dpu_dir, "step3")},
         **{f"paper_{tag}": {"cfg": PAPER_CFG, "steps": STEPS, "load": (str(ckpt_root / "paper"), tag)}
-           for tag in ("mid13", "mid14")},
+           for tag in MID_POINTS.values()},
         "bf16_mid15": {"cfg": BF16_CFG, "steps": STEPS, "dtype": torch.bfloat16,
                        "load": (str(ckpt_root / "bf16"), "mid15")},
         "after_crash": {"cfg": ACCO_CFG, "steps": STEPS, "load": (str(ckpt_root / "crash"), None)},
@@ -312,7 +323,8 @@ def test_checkpoint_holds_committed_state(saved: dict[str, Any]) -> None:
     rec = job_result(saved, "acco_saving")[0]["saved"]["step3"]
     ref = reference_train(make_model(SEED), make_batches(SEED, WORLD, NUM_MICRO), loss_fn, mode="acco",
                           num_steps=SAVE_STEP, gradient_accumulation_steps=GA, lr=LR, weight_decay=0.01,
-                          max_grad_norm=DEEPSPEED_DEFAULT_CLIP, estimate_shift=DEFAULT_ESTIMATE_SHIFT)
+                          max_grad_norm=DEEPSPEED_DEFAULT_CLIP, estimate_shift=DEFAULT_ESTIMATE_SHIFT,
+                          estimate_micro_batches=DEFAULT_ESTIMATE_HALF[GA])
     diff = _max_diff(rec["committed"], list(ref.values()))
     print(f"COMMITTED at save (step {rec['global_steps']}) vs reference theta_3: max |diff| = {diff:.3e}")
     assert diff < 1e-5 and rec["global_steps"] == SAVE_STEP
@@ -320,7 +332,8 @@ def test_checkpoint_holds_committed_state(saved: dict[str, Any]) -> None:
 
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("job,base", [("step3", "acco"), ("mid13", "acco"), ("mid14", "acco"), ("mid15", "acco"),
-                                      ("dpu_step3", "dpu"), ("paper_mid13", "paper"), ("paper_mid14", "paper")])
+                                      ("dpu_step3", "dpu"), ("paper_mid13", "paper"), ("paper_mid14", "paper"),
+                                      ("paper_mid15", "paper")])
 def test_resume_in_new_processes_is_exact(saved: dict[str, Any], resumed: dict[str, Any], job: str,
                                           base: str) -> None:
     """Loading in new processes continues exactly as the uninterrupted run (params, steps, metrics, counters); with
@@ -361,21 +374,22 @@ def _nbytes(value: Any) -> int:
 def test_acco_state_in_checkpoint(saved: dict[str, Any], ckpt_root: Path) -> None:
     """What each rank's optimizer-states file holds beyond ZeRO-1's, at each save point (measured)."""
     # (estimate params differ from committed, pending round's params stored, carried estimate gradient, partial sum)
-    expected = {"step3": (True, False, False, False), "mid13": (True, False, False, True),
-                "mid14": (False, True, True, False), "mid15": (False, True, True, True)}
-    for tag, (live, shadow, carried, accumulated) in expected.items():
-        path = ckpt_root / "acco" / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    expected = {("acco", "step3"): (True, False, False, False), ("acco", "mid13"): (True, False, False, True),
+                ("acco", "mid14"): (True, False, False, True), ("acco", "mid15"): (False, True, True, False),
+                ("paper", "mid14"): (False, True, True, False), ("paper", "mid15"): (False, True, True, True)}
+    for (run, tag), (live, shadow, carried, accumulated) in expected.items():
+        path = ckpt_root / run / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
         sd = torch.load(path, weights_only=False)["optimizer_state_dict"]
         acco = sd["acco"]
         zero1 = _nbytes(sd["single_partition_of_fp32_groups"]) + _nbytes(
             [v for st in sd["base_optimizer_state"]["state"].values() for v in st.values() if torch.is_tensor(v)])
         sizes = {k: _nbytes(v) for k, v in (("live", acco["live"]), ("shadow", (acco["pending"] or {}).get("shadow")),
                                             ("carried", acco["carried"]), ("accumulated", acco["accumulated"]))}
-        print(f"ACCO STATE {tag}: micro {acco['micro']}, pending {acco['pending']['spec']['kind']}, next "
+        print(f"ACCO STATE {run} {tag}: micro {acco['micro']}, pending {acco['pending']['spec']['kind']}, next "
               f"{acco['next_kind']}, step {acco['step']}; tensor bytes {sizes} vs ZeRO-1 shard+moments {zero1}; "
               f"file {path.stat().st_size} B")
         got = (sizes["live"] > 0, sizes["shadow"] > 0, sizes["carried"] > 0, sizes["accumulated"] > 0)
-        assert got == (live, shadow, carried, accumulated), (tag, got)
+        assert got == (live, shadow, carried, accumulated), (run, tag, got)
 
 
 @pytest.mark.timeout(200)

@@ -28,6 +28,7 @@ from tests.dist_utils import job_result, run_distributed
 from tests.test_checkpoint import GA, LR, NUM_MICRO, SEED, STEPS, run_ckpt_jobs
 from tests.workers import (
     DEEPSPEED_DEFAULT_CLIP,
+    DEFAULT_ESTIMATE_HALF,
     DEFAULT_ESTIMATE_SHIFT,
     PAPER_ESTIMATE_SHIFT,
     base_config,
@@ -86,6 +87,7 @@ def world3() -> dict[str, list[Any]]:
 def _reference(world: int, steps: int, block: int, **kw: Any) -> list[torch.Tensor]:
     batches = make_batches(SEED, world, steps * GA * 6 + 8)
     kw.setdefault("estimate_shift", DEFAULT_ESTIMATE_SHIFT)
+    kw.setdefault("estimate_micro_batches", DEFAULT_ESTIMATE_HALF[GA])
     out = reference_train(make_model(SEED), batches, loss_fn, mode="acco", num_steps=steps,
                           gradient_accumulation_steps=GA, lr=LR, weight_decay=0.01,
                           max_grad_norm=kw.pop("max_grad_norm", DEEPSPEED_DEFAULT_CLIP),
@@ -191,7 +193,8 @@ def test_low_precision(low_precision: dict[str, list[Any]]) -> None:
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Any]]:
     ckpt = str(tmp_path_factory.mktemp("int8_ckpt"))
-    cfg = base_config(GA, LR, **_int8(16))
+    # Equal halves (2 + 2), so that micro-batch 15 is inside a commit half (the default's commit half is 1).
+    cfg = base_config(GA, LR, **_int8(16, estimate_fraction=0.5))
     first = run_distributed(run_ckpt_jobs, 2, [
         {"cfg": cfg, "steps": STEPS},
         {"cfg": cfg, "steps": STEPS, "saves": {14: (ckpt, "at_estimate"), 15: (ckpt, "mid15")}}], timeout_s=200)

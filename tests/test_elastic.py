@@ -27,11 +27,19 @@ import torch
 from tests.acco_reference import reference_train
 from tests.dist_utils import JobFailure, job_result
 from tests.test_checkpoint import ACCO_CFG, BOUNDARY, GA, LR, NUM_MICRO, SAVE_STEP, SEED, STEPS, _spawn
-from tests.workers import DEEPSPEED_DEFAULT_CLIP, DEFAULT_ESTIMATE_SHIFT, base_config, loss_fn, make_batches, make_model
+from tests.workers import (
+    DEEPSPEED_DEFAULT_CLIP,
+    DEFAULT_ESTIMATE_HALF,
+    DEFAULT_ESTIMATE_SHIFT,
+    base_config,
+    loss_fn,
+    make_batches,
+    make_model,
+)
 
 UNIVERSAL_CFG = base_config(GA, LR, acco={"enabled": True}, checkpoint={"load_universal": True})
 N_PARAMS = sum(p.numel() for p in make_model(SEED).parameters())
-MID = BOUNDARY + GA // 2 + 1  # one micro-batch into the commit half of step 4
+MID = BOUNDARY + DEFAULT_ESTIMATE_HALF[GA]  # step 4's estimate boundary: its estimate round in flight
 
 
 def _flat_state(ranks: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -90,7 +98,8 @@ def test_resume_exact_at_world_size_3(world3: dict[str, Any], tag: str) -> None:
             ref[rank]["losses"][run[rank]["after_load"]["data_position"]:]
     expected = reference_train(make_model(SEED), make_batches(SEED, 3, NUM_MICRO), loss_fn, mode="acco",
                                num_steps=STEPS, gradient_accumulation_steps=GA, lr=LR, weight_decay=0.01,
-                               max_grad_norm=DEEPSPEED_DEFAULT_CLIP, estimate_shift=DEFAULT_ESTIMATE_SHIFT)
+                               max_grad_norm=DEEPSPEED_DEFAULT_CLIP, estimate_shift=DEFAULT_ESTIMATE_SHIFT,
+                               estimate_micro_batches=DEFAULT_ESTIMATE_HALF[GA])
     diff = _max_diff(ref[0]["params"], list(expected.values()))
     print(f"PARITY world 3 acco, {STEPS} steps, vs reference: max |diff| = {diff:.3e}")
     assert diff < 1e-5
@@ -126,6 +135,7 @@ def test_elastic_resume_from_universal_checkpoint(elastic: dict[str, Any], world
     expected = reference_train(make_model(SEED), batches, loss_fn, mode="acco", num_steps=STEPS - SAVE_STEP,
                                gradient_accumulation_steps=GA, lr=LR, weight_decay=0.01,
                                max_grad_norm=DEEPSPEED_DEFAULT_CLIP, estimate_shift=DEFAULT_ESTIMATE_SHIFT,
+                               estimate_micro_batches=DEFAULT_ESTIMATE_HALF[GA],
                                initial_state={"flat": before["master"], "exp_avg": before["exp_avg"],
                                               "exp_avg_sq": before["exp_avg_sq"],
                                               "step": float(saved[0]["state"]["step"])})

@@ -79,3 +79,22 @@ def test_extrapolated_estimate_has_less_noise_than_the_paper_below_its_edge() ->
     assert all(r < 1.0 for r in ratio["shift 1.1, 0.2"])
     assert all(c > p for c, p in zip(ratio["carry 0.25"], ratio["paper"]))
     assert stationary_excess("paper", 25.0, 0.9) == float("inf")
+
+
+@pytest.mark.parametrize("b", [0.8, 0.9, 0.95])
+@pytest.mark.parametrize("f", [0.5, 0.625, 0.75, 0.875])
+def test_estimate_fraction_lifts_the_papers_edge(b: float, f: float) -> None:
+    """With a share f of the step at x~ the estimate's error feeds back as d' = -(1-b) a (1-f) d, so the paper's
+    edge is 1/((1-b)(1-f)) until ZeRO-1's own edge 2(1+b)/(1-b) binds: at f = 0.75 and b = 0.9, ZeRO-1's 38."""
+    zero1 = 2 * (1 + b) / (1 - b)
+    assert edge_of_stability("paper", b, f=f) == pytest.approx(min(1 / ((1 - b) * (1 - f)), zero1), rel=1e-4)
+
+
+def test_default_split_and_estimate_below_zero1_noise_up_to_a_20() -> None:
+    """The defaults (f = 0.75, shift 1.1, 0.2): edge 28 instead of 19.8 at equal halves, and less excess than
+    ZeRO-1 at every a up to 20 (the table in docs/how-it-works.md)."""
+    assert edge_of_stability("shift 1.1, 0.2", 0.9, f=0.75) == pytest.approx(28.12, abs=0.01)
+    assert edge_of_stability("shift 1.1, 0.2", 0.9, f=0.5) == pytest.approx(19.83, abs=0.01)
+    ratios = [stationary_excess("shift 1.1, 0.2", a, 0.9, 0.75) / stationary_excess("zero1", a, 0.9)
+              for a in (2, 5, 10, 15, 20)]
+    assert all(r < 0.9 for r in ratios), ratios

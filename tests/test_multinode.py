@@ -39,6 +39,7 @@ from tests.dist_utils import free_port, run_distributed
 from tests.netns import NSRSH, FakeHosts, NetnsUnavailable, cleanup_stale, list_namespaces, netns_pids
 from tests.workers import (
     DEEPSPEED_DEFAULT_CLIP,
+    DEFAULT_ESTIMATE_HALF,
     DEFAULT_ESTIMATE_SHIFT,
     base_config,
     loss_fn,
@@ -185,7 +186,8 @@ def reference() -> list[torch.Tensor]:
     batches = make_batches(SEED, WORLD, STEPS * GA * 6 + 8)
     out = reference_train(make_model(SEED), batches, loss_fn, mode="acco", num_steps=STEPS,
                           gradient_accumulation_steps=GA, lr=LR, weight_decay=0.01,
-                          max_grad_norm=DEEPSPEED_DEFAULT_CLIP, estimate_shift=DEFAULT_ESTIMATE_SHIFT)
+                          max_grad_norm=DEEPSPEED_DEFAULT_CLIP, estimate_shift=DEFAULT_ESTIMATE_SHIFT,
+                          estimate_micro_batches=DEFAULT_ESTIMATE_HALF[GA])
     return list(out.values())
 
 

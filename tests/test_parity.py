@@ -25,6 +25,7 @@ from tests.acco_reference import Simulator, reference_train
 from tests.dist_utils import JobFailure, job_result, run_distributed
 from tests.workers import (
     DEEPSPEED_DEFAULT_CLIP,
+    DEFAULT_ESTIMATE_HALF,
     DEFAULT_ESTIMATE_SHIFT,
     PAPER_ESTIMATE_SHIFT,
     base_config,
@@ -61,8 +62,10 @@ JOBS: dict[str, tuple[Any, ...]] = {
                                                                    max_micro_batches_per_round=6)),
                       4, SEED, {"slow_s": 0.15}),
     # The caller ends steps early (set_gradient_accumulation_boundary(True) + step): in the commit half, at the
-    # estimate boundary and inside the estimate half ({step: micro-batches of that step}).
-    "forced_acco": (base_config(GA, LR, **_acco()), 5, SEED, {"force_in_step": {1: 3, 2: 2, 3: 1}}),
+    # estimate boundary and inside the estimate half ({step: micro-batches of that step}); equal halves (2 + 2),
+    # since the default split's commit half (1 micro-batch) cannot be ended early.
+    "forced_acco": (base_config(GA, LR, **_acco(estimate_fraction=0.5)), 5, SEED,
+                    {"force_in_step": {1: 3, 2: 2, 3: 1}}),
     "forced_acco_prescaled": (base_config(GA, LR, **_acco()), 5, SEED, {"force_in_step": {3: 1}, "prescaled": True}),
     "forced_dpu": (base_config(GA, LR, **_acco(mode="dpu")), 4, SEED, {"force_in_step": {1: 3, 2: 1}}),
     # acco.estimate="paper" (the default is "extrapolated", shifted from where the last half was computed; a
@@ -96,8 +99,8 @@ def monitor_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def runs(monitor_dir: Path) -> dict[str, list[Any]]:
     jobs = dict(JOBS)
-    # Refused at initialize (odd GA in acco mode), between two jobs that must still run: see test_refused_job_*.
-    jobs["refused"] = (base_config(3, LR, **_acco()), STEPS, SEED)
+    # Refused at initialize (GA 1 in acco mode), between two jobs that must still run: see test_refused_job_*.
+    jobs["refused"] = (base_config(1, LR, **_acco()), STEPS, SEED)
     jobs["monitor"] = (base_config(GA, LR, csv_monitor={"enabled": True, "output_path": str(monitor_dir),
                                                         "job_name": "acco"}, **_acco()), STEPS, SEED)
     return _spawn(WORLD, jobs)
@@ -117,6 +120,7 @@ def _reference(mode: str, steps: int = STEPS, world: int = WORLD, **kw: Any) -> 
     batches = make_batches(SEED, world, steps * GA * 6 + 8)
     if mode == "acco":
         kw.setdefault("estimate_shift", DEFAULT_ESTIMATE_SHIFT)
+        kw.setdefault("estimate_micro_batches", DEFAULT_ESTIMATE_HALF[GA])
     out = reference_train(make_model(SEED), batches, loss_fn, mode=mode, num_steps=steps,
                           gradient_accumulation_steps=GA, lr=kw.pop("lr", LR), weight_decay=0.01,
                           max_grad_norm=kw.pop("max_grad_norm", DEEPSPEED_DEFAULT_CLIP), **kw)
@@ -178,10 +182,12 @@ def test_modes_differ(runs: dict[str, Any]) -> None:
 
 
 def test_acco_micro_batches_consumed(runs: dict[str, Any]) -> None:
-    """Each committed step consumes GA micro-batches per rank, as ZeRO-1 does (2 rounds of GA/2)."""
+    """Each committed step consumes GA micro-batches per rank, as ZeRO-1 does: an estimate round of 3 (the default
+    estimate_fraction 0.75 of GA 4) and a commit round of 1."""
     run = job_result(runs, "acco")[0]
     assert run["micro_batches"] == STEPS * GA
-    assert [m["round_counts"] for m in run["metrics"]] == [[[GA // 2] * WORLD] * 2] * STEPS
+    half = DEFAULT_ESTIMATE_HALF[GA]
+    assert [m["round_counts"] for m in run["metrics"]] == [[[half] * WORLD, [GA - half] * WORLD]] * STEPS
 
 
 def test_estimate_rollback_is_exact(runs: dict[str, Any]) -> None:
@@ -222,7 +228,9 @@ def test_adaptive_accumulation(runs: dict[str, Any]) -> None:
     fast, slow = sum(c[0] for c in counts), sum(c[1] for c in counts)
     print(f"ADAPTIVE round counts {counts}: fast rank {fast}, slow rank {slow}")
     assert fast > slow
-    assert all(c[1] >= GA // 2 and c[0] <= 6 for c in counts)
+    half = DEFAULT_ESTIMATE_HALF[GA]  # each half's minimum: estimate rounds 3, commit rounds 1; the cap is 6
+    assert all(c[1] >= half for c in counts[0::2]) and all(c[1] >= GA - half for c in counts[1::2])
+    assert all(c[0] <= 6 for c in counts)
     diff = _max_diff(run0["params"], _reference("acco", counts=counts))
     print(f"PARITY adaptive: max |diff| = {diff:.3e}")
     assert diff < TOL
@@ -230,7 +238,7 @@ def test_adaptive_accumulation(runs: dict[str, Any]) -> None:
 
 
 def test_adaptive_sqrt_lr_scaling(runs: dict[str, Any]) -> None:
-    """``lr_scaling="sqrt"``: each round's LR is the scheduler's times sqrt(its batch over the nominal batch, capped);
+    """``lr_scaling="sqrt"``: each round's LR is the scheduler's times sqrt(its batch over the nominal batch);
     the factors and the parameters equal the reference's at the recorded counts."""
     run0, run1 = job_result(runs, "adaptive_sqrt")
     counts = [c for m in run0["metrics"] for c in m["round_counts"]]
@@ -238,7 +246,7 @@ def test_adaptive_sqrt_lr_scaling(runs: dict[str, Any]) -> None:
     factors = [f for m in run0["metrics"] for f in m["round_lr_factors"]]
     expected: list[float] = []
     diff = _max_diff(run0["params"], _reference("acco", steps=4, counts=counts, lr=_sched_lr, lr_scaling="sqrt",
-                                                max_micro_batches_per_round=6, lr_factors=expected))
+                                                lr_factors=expected))
     print(f"ADAPTIVE sqrt: round counts {counts}, LR factors {[round(f, 4) for f in factors]}; "
           f"PARITY max |diff| = {diff:.3e}")
     assert factors == pytest.approx(expected, rel=1e-12)
@@ -312,11 +320,11 @@ def test_metrics_recorded_and_sent_to_monitor(runs: dict[str, Any], monitor_dir:
 
 def test_estimate_grad_norm_is_the_half_batch_norm(runs: dict[str, Any]) -> None:
     """``estimate_grad_norm`` is the norm of the estimate round's averaged gradient, before clipping: at step 1,
-    G~_0 over each rank's first GA/2 micro-batches at theta_0 (computed here from the reference's model and data);
-    dpu has no estimate round and reports none."""
+    G~_0 over each rank's first 3 micro-batches (the estimate half) at theta_0 (computed here from the reference's
+    model and data); dpu has no estimate round and reports none."""
     batches = make_batches(SEED, WORLD, STEPS * GA * 6 + 8)  # as the "acco" job drew them
     sim = Simulator(make_model(SEED), batches, loss_fn, LR, (0.9, 0.999), 1e-8, 0.0, 0.0)
-    sums, count = sim.accumulate(sim.snapshot_params(), [GA // 2] * WORLD)
+    sums, count = sim.accumulate(sim.snapshot_params(), [DEFAULT_ESTIMATE_HALF[GA]] * WORLD)
     expected = math.sqrt(sum(float((s / count).pow(2).sum()) for s in sums))
     first = job_result(runs, "acco")[0]["metrics"][0]
     print(f"estimate_grad_norm {first['estimate_grad_norm']:.6f}, reference {expected:.6f}, "
@@ -374,7 +382,9 @@ def test_caller_normalized_short_steps(runs: dict[str, Any]) -> None:
     ``backward(scale_wrt_gas=False)`` (the HF Trainer) gets the mean over a short step's micro-batches."""
     result = job_result(runs, "forced_acco_prescaled")
     rounds = [m["round_counts"] for m in result[0]["metrics"]]
-    assert rounds == [[[2, 2], [2, 2]]] * 3 + [[[1, 1]]] + [[[2, 2], [2, 2]]]
+    half = DEFAULT_ESTIMATE_HALF[GA]
+    normal = [[half] * WORLD, [GA - half] * WORLD]
+    assert rounds == [normal] * 3 + [[[1, 1]]] + [normal]
     diff = _max_diff(result[0]["params"], _reference("acco", steps=len(rounds), step_rounds=rounds))
     print(f"PARITY forced acco, caller-normalized loss, vs reference: max |diff| = {diff:.3e}")
     assert diff < TOL
@@ -385,7 +395,7 @@ def test_refused_job_fails_only_its_own_tests(runs: dict[str, Any]) -> None:
     refused = runs["refused"]
     assert all(isinstance(r, JobFailure) for r in refused)
     print("REFUSED job:", refused[0].traceback.strip().splitlines()[-1][:200])
-    assert "AccoConfigError" in refused[0].traceback and "gradient_accumulation_steps must be even" in \
+    assert "AccoConfigError" in refused[0].traceback and "gradient_accumulation_steps must be at least 2" in \
         refused[0].traceback
     with pytest.raises(pytest.fail.Exception, match="job 'refused' failed on rank 0: .*AccoConfigError"):
         job_result(runs, "refused")

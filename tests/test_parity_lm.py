@@ -18,7 +18,7 @@ import torch
 from benchmarks.estimate_study import LogitsOf, lm_loss
 from tests.acco_reference import reference_train
 from tests.dist_utils import job_result, run_distributed, run_jobs_isolated
-from tests.workers import DEFAULT_ESTIMATE_SHIFT, ds_config, tiny_lm, train_tiny_lm
+from tests.workers import DEFAULT_ESTIMATE_HALF, DEFAULT_ESTIMATE_SHIFT, ds_config, tiny_lm, train_tiny_lm
 
 STEPS, SEQ = 6, 64
 
@@ -58,7 +58,8 @@ def test_gpt2_matches_reference(runs: dict[str, list[Any]], method: str, mode: s
     model = LogitsOf(train_lm.build_model(args, corpus.vocab_size, corpus.eot_id))
     expected = reference_train(model, batches, lm_loss, mode=mode, num_steps=STEPS, gradient_accumulation_steps=ga,
                                lr=lr, betas=tuple(opt["betas"]), weight_decay=opt["weight_decay"],
-                               max_grad_norm=config["gradient_clipping"], estimate_shift=DEFAULT_ESTIMATE_SHIFT)
+                               max_grad_norm=config["gradient_clipping"], estimate_shift=DEFAULT_ESTIMATE_SHIFT,
+                               estimate_micro_batches=DEFAULT_ESTIMATE_HALF[ga])
     diff = max(float((a - b).abs().max()) for a, b in zip(result[0]["params"], expected.values(), strict=True))
     moved = max(float((a - b.detach()).abs().max())
                 for a, b in zip(result[0]["params"], model.model.parameters(), strict=True))

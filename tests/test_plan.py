@@ -23,8 +23,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def test_schedule_formulas() -> None:
-    """ZeRO-1 adds M to C; ACCO hides two rounds of M behind C until M passes C/2; DPU one round."""
-    short, long = Timing(2.0, 0.6, 0.2, 8), Timing(2.0, 1.5, 0.5, 8)
+    """The paper's equal halves: ZeRO-1 adds M to C; ACCO hides two rounds of M behind C until M passes C/2;
+    DPU one round."""
+    short, long = Timing(2.0, 0.6, 0.2, 8, estimate_fraction=0.5), Timing(2.0, 1.5, 0.5, 8, estimate_fraction=0.5)
     assert step_time_s("zero1", short)[0] == pytest.approx(2.6)
     assert step_time_s("acco", short)[0] == pytest.approx(2.0)
     assert step_time_s("acco", long)[0] == pytest.approx(3.0)
@@ -35,13 +36,27 @@ def test_schedule_formulas() -> None:
     step, micro = step_time_s("acco_adaptive", long)
     assert step == pytest.approx(3.0) and micro == pytest.approx(12)
     # The cap (4 x 4 = 16 per half by default) stops the filling; the half then waits for the round.
-    step, micro = step_time_s("acco_adaptive", Timing(2.0, 10.0, 10.0, 8))
+    step, micro = step_time_s("acco_adaptive", Timing(2.0, 10.0, 10.0, 8, estimate_fraction=0.5))
     assert step == pytest.approx(20.0) and micro == pytest.approx(32)
+
+
+def test_default_split_formulas() -> None:
+    """The default split (6 + 2 of 8 micro-batches): the commit round hides behind 3/4 of C, the estimate round
+    behind 1/4, so a full-precision estimate round longer than C/4 is exposed and the int8 one is not."""
+    short, long = Timing(2.0, 0.6, 0.2, 8), Timing(2.0, 1.5, 0.5, 8)
+    assert step_time_s("acco", short)[0] == pytest.approx(1.5 + 0.6)
+    assert step_time_s("acco_int8", short)[0] == pytest.approx(1.5 + 0.5)
+    assert step_time_s("acco", long)[0] == pytest.approx(1.5 + 1.5)
+    assert step_time_s("acco_int8", long)[0] == pytest.approx(1.5 + 0.5)
+    # Adaptive: the estimate half computes its 6 (1.5 s, as long as the commit round), the commit half fills
+    # 1.5 s with 0.25 s micro-batches (6 instead of 2).
+    step, micro = step_time_s("acco_adaptive", long)
+    assert step == pytest.approx(3.0) and micro == pytest.approx(12)
 
 
 def test_slow_ranks_set_the_pace_except_under_adaptive_accumulation() -> None:
     """Half the ranks 3x slower: every boundary waits for them; adaptive lets the fast ones fill the wait."""
-    mixed = Timing(2.0, 2.0, 2.0, 8, slowest_factor=3.0)
+    mixed = Timing(2.0, 2.0, 2.0, 8, slowest_factor=3.0, estimate_fraction=0.5)
     assert step_time_s("zero1", mixed)[0] == pytest.approx(8.0)
     assert step_time_s("acco", mixed)[0] == pytest.approx(6.0)
     step, micro = step_time_s("acco_adaptive", mixed)

@@ -342,13 +342,12 @@ def test_estimate_shift_moves_only_the_estimate() -> None:
     and the first commit, computed before any shifted estimate is used, is the same too."""
     model, batches = make_model(), make_batches(2, 24)
     counts = [[2, 2], [6, 2], [3, 2], [6, 4]]
-    common = {"mode": "acco", "gradient_accumulation_steps": 4, "counts": counts, "lr_scaling": "sqrt",
-              "max_micro_batches_per_round": 6}
+    common = {"mode": "acco", "gradient_accumulation_steps": 4, "counts": counts, "lr_scaling": "sqrt"}
     paper: list[float] = []
     shifted: list[float] = []
     unshifted = run(model, batches, num_steps=2, lr_factors=paper, **common)
     moved = run(model, batches, num_steps=2, lr_factors=shifted, estimate_shift=(1.1, 0.2), **common)
-    # k = 2 per rank per round, nominal half batch 4: the commits sum both halves (h = 2), capped at 6 / k.
+    # Equal halves of 2 per rank: an estimate's nominal batch is 4, a commit's (both halves) 8.
     assert paper == pytest.approx([1.0, math.sqrt(12 / 8), math.sqrt(5 / 4), math.sqrt(15 / 8)], rel=1e-12)
     assert shifted == paper
     one_step = {**common, "counts": counts[:2]}

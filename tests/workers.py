@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["DEEPSPEED_DEFAULT_CLIP", "DEFAULT_ESTIMATE_SHIFT", "PAPER_ESTIMATE_SHIFT", "make_model", "make_batches",
-           "WithLoss", "train_worker", "base_config", "loss_fn"]
+__all__ = ["DEEPSPEED_DEFAULT_CLIP", "DEFAULT_ESTIMATE_HALF", "DEFAULT_ESTIMATE_SHIFT", "PAPER_ESTIMATE_SHIFT",
+           "make_model", "make_batches", "WithLoss", "train_worker", "base_config", "loss_fn"]
 
 IN, HIDDEN, OUT, MICRO = 8, 16, 4, 4
 DEEPSPEED_DEFAULT_CLIP = 1.0
@@ -26,6 +26,10 @@ DEFAULT_ESTIMATE_SHIFT = (1.1, 0.2)
 Written out here, not read from the package, so a wrong constant there fails the parity tests."""
 PAPER_ESTIMATE_SHIFT = (1.0, 0.0)
 """The reference's ``estimate_shift`` for ``"estimate": "paper"``: theta~_{t+1} = Opt(theta_t, G~_t)."""
+DEFAULT_ESTIMATE_HALF = {2: 1, 3: 2, 4: 3, 6: 5, 8: 6}
+"""The reference's ``estimate_micro_batches`` per ``gradient_accumulation_steps`` for a config that leaves
+``acco.estimate_fraction`` at its default (0.75: three quarters of a step's micro-batches in the estimate half,
+rounded half up, each half at least one). Written out, not computed by the package."""
 
 
 def make_model(seed: int = 0) -> nn.Module:
