@@ -9,7 +9,7 @@ issued here is the all-reduce that aligns the ranks' halves when the caller ends
 adaptive accumulation (``end_step_early``). What a checkpoint holds of the pipeline, and how a
 load restores it, is in ``pipeline_state.py``; ``state_dict``/``load_state_dict`` call it.
 
-Boundaries (counted in micro-batches on this rank; ``config.split_micro_batches`` splits a step's
+Boundaries (counted in micro-batches on this rank; ``split.split_micro_batches`` splits a step's
 ``gradient_accumulation_steps`` into an estimate half and a commit half by ``acco.estimate_fraction``):
 
 - mode ``acco``: an estimate half's micro-batches, then a boundary that launches an estimate round; a
