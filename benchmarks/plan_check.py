@@ -24,14 +24,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.report import recorded_estimate_fraction  # noqa: E402
 from deepspeed_acco.plan import METHODS, Timing, step_time_s  # noqa: E402
 
 __all__ = ["check", "main"]
-
-
-def _split(run: dict[str, Any]) -> float:
-    """The run's ``acco.estimate_fraction`` (runs recorded before it existed split every step in equal halves)."""
-    return run.get("estimate_fraction") or 0.5
 
 
 def _own_timing(run: dict[str, Any]) -> Timing:
@@ -46,17 +42,17 @@ def _own_timing(run: dict[str, Any]) -> Timing:
         # The ranks accumulate different counts: C and the slow/fast ratio from each rank's own rate.
         slow, fast = min(rates), max(rates)
         return Timing(ga * run["micro_batch"] / fast, commit, estimate, ga, slowest_factor=fast / slow,
-                      estimate_fraction=_split(run))
+                      estimate_fraction=recorded_estimate_fraction(run))
     per_rank_micro = run["micro_batches_per_step"] / world
     compute = run["compute_s"] * ga / per_rank_micro
-    return Timing(compute, commit, estimate, ga, estimate_fraction=_split(run))
+    return Timing(compute, commit, estimate, ga, estimate_fraction=recorded_estimate_fraction(run))
 
 
 def _zero1_timing(run: dict[str, Any], twin: dict[str, Any]) -> Timing:
     """ZeRO-1's C and M for every method (the int8 estimate round: the run's own)."""
     estimate = run.get("estimate_round_s")
     return Timing(twin["compute_s"], twin["comm_s"], estimate if estimate is not None else twin["comm_s"], run["ga"],
-                  estimate_fraction=_split(run))
+                  estimate_fraction=recorded_estimate_fraction(run))
 
 
 def step_spread(run: dict[str, Any], skip: int) -> float | None:

@@ -38,6 +38,11 @@ def _key(run: dict[str, Any]) -> tuple[str, bool, float]:
     return run.get("preset", "tiny"), run["heterogeneous"], run["target_ratio"]
 
 
+def recorded_estimate_fraction(run: dict[str, Any]) -> float:
+    """A run's ``acco.estimate_fraction`` (runs recorded before it existed split every step in equal halves)."""
+    return run.get("estimate_fraction") or 0.5
+
+
 def step_bound(case: str, c: float, m: float, m_estimate: float | None, ga: int = 8,
                estimate_fraction: float = 0.5) -> float:
     """The step-time bound of a method from ZeRO-1's C and M (and the int8 estimate round's own time).
@@ -75,7 +80,7 @@ def add_derived(result: dict[str, Any]) -> None:
         run["zero1_M_over_C"] = m / c if c else None
         run["M_over_C"] = run["round_s"] / run["compute_s"] if run["compute_s"] else None
         run["limit_s"] = step_bound(run["case"], c, m, run.get("estimate_round_s"), run.get("ga", 8),
-                                    run.get("estimate_fraction") or 0.5)
+                                    recorded_estimate_fraction(run))
         run["step_time_over_limit"] = run["step_time_s"] / run["limit_s"] if run["limit_s"] else None
         run["speedup_vs_zero1"] = z["step_time_s"] / run["step_time_s"]
         run["samples_per_s_vs_zero1"] = run["samples_per_s"] / z["samples_per_s"]

@@ -212,7 +212,8 @@ def run_case(method: str, args: argparse.Namespace, corpus: Any, eval_set: list[
     model = train_lm.build_model(_model_args(args), corpus.vocab_size, corpus.eot_id)
     config = build_config(method, args)
     engine, _, _, _ = deepspeed_acco.initialize(model=model, model_parameters=model.parameters(), config=config)
-    acco = deepspeed_acco.get_acco_config(config).enabled
+    acco_config = deepspeed_acco.get_acco_config(config)
+    acco = acco_config.enabled
     windows = train_lm.ShardedWindows(corpus.train, args.seq_len, args.micro_batch, rank, world, args.seed)
     tokens_per_micro = args.micro_batch * args.seq_len
     n_params = sum(p.numel() for p in engine.module.parameters())
@@ -326,7 +327,7 @@ def run_case(method: str, args: argparse.Namespace, corpus: Any, eval_set: list[
     out = {
         "method": "zero1" if method == "zero1" else ("dpu" if method == "dpu" else "acco"),
         "case": method, "adaptive_accumulation": adaptive, "rank": rank, "world_size": world,
-        "acco": acco, "estimate_fraction": deepspeed_acco.get_acco_config(config).estimate_fraction if acco else None,
+        "acco": acco, "estimate_fraction": acco_config.estimate_fraction if acco else None,
         "steps": engine.global_steps, "n_params": n_params, "micro_batch": args.micro_batch,
         "ga": args.ga, "seq_len": args.seq_len, "tokens_per_micro_batch": tokens_per_micro,
         "commit_t": commit_t, "train_s": train_s, "step_loss": step_loss, "step_local_micro": step_local_micro,

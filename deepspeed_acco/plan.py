@@ -260,12 +260,13 @@ def report(timing: Timing, world_size: int, tokens_per_rank_per_step: float, hea
     per_micro = tokens_per_rank_per_step / timing.micro_batches
     preds = predict(timing)
     zero1 = preds[0]
+    f_est, f_commit = timing.halves()
     lines = header + [
         f"C   compute per step      {_fmt_s(timing.compute_s)} s",
         f"M   one round             {_fmt_s(timing.round_s)} s   (int8 estimate round: "
         f"{_fmt_s(timing.estimate_round_s)} s)",
         f"M/C                       {timing.round_s / timing.compute_s:.2f}   (ACCO hides both rounds below "
-        f"{min(timing.halves()):.2f}, the commit round below {timing.halves()[0]:.2f})",
+        f"{min(f_est, f_commit):.2f}, the commit round below {f_est:.2f})",
         "",
         f"{'method':<24}{'step (s)':>10}{'tokens/s':>14}{'vs ZeRO-1':>11}",
     ]
