@@ -40,10 +40,11 @@ METHODS = {"zero1": ("zero1.json", {}), "acco": ("acco.json", {}), "dpu": ("dpu.
            "acco_paper": ("acco.json", {"estimate": "paper", "estimate_fraction": 0.5}),
            "acco_split": ("acco.json", {"estimate": "extrapolated", "estimate_fraction": 0.75}),
            "acco_paper_split": ("acco.json", {"estimate": "paper", "estimate_fraction": 0.75}),
+           "acco_sync10": ("acco.json", {"sync_steps": 10}),
            "zero1_twin": ("zero1.json", {})}
 """Method -> (ds_configs file, overrides of its "acco" block). ``acco_extrapolated`` and ``acco_paper`` split every
 step into equal halves (``estimate_fraction`` 0.5, as every run before 0.75 became the default); ``acco_split`` is
-the default written out."""
+the default written out; ``acco_sync10`` is the default with ``sync_steps`` 10 (the first 10 steps ZeRO-1's)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -103,6 +103,7 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
             if self._mode == "acco" else (ga, ga)
         self._half_micro = {RoundKind.ESTIMATE: estimate_half, RoundKind.COMMIT: commit_half}
         self._max_micro = acco_config.max_micro_batches_per_round or 2 * ga
+        self._sync_steps = acco_config.sync_steps if self._mode == "acco" else 0
         self._adaptive = acco_config.adaptive_accumulation
         self._lr_sqrt = acco_config.lr_scaling == "sqrt"
         self._timeout_s = acco_config.round_timeout_s
@@ -131,7 +132,7 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
             compression=acco_config.estimate_compression if self._mode == "acco" else "none",
             block=acco_config.compression_block_size, estimate_shift=shift,
             stream=self._stream)
-        for key in ("estimate_compression", "estimate", "estimate_fraction"):
+        for key in ("estimate_compression", "estimate", "estimate_fraction", "sync_steps"):
             if getattr(acco_config, key) != AccoConfig.model_fields[key].default and self._mode != "acco":
                 logger.warning(f"ACCO: acco.{key}={getattr(acco_config, key)!r} is ignored in "
                                f"acco.mode={self._mode!r} (it has no estimate round)")
@@ -209,12 +210,20 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         self._step_micro += 1
         if not self._boundary_reached():
             return
-        if self._next_kind is RoundKind.ESTIMATE:
+        if self._next_kind is RoundKind.ESTIMATE and not self._synchronous_step():
             self._launch_boundary()
         elif self.caller_boundary is None:
+            self._direct_commit = self._next_kind is RoundKind.ESTIMATE
             self._commit_pending = True
 
+    def _synchronous_step(self) -> bool:
+        """This step runs as ZeRO-1's (``acco.sync_steps``): one half of ``gradient_accumulation_steps``
+        micro-batches at theta_t, committed directly."""
+        return self._step < self._sync_steps
+
     def _boundary_reached(self) -> bool:
+        if self._next_kind is RoundKind.ESTIMATE and self._synchronous_step():
+            return self._micro >= self._ga
         if self._micro < self._half_micro[self._next_kind]:
             return False
         if not self._adaptive or self._in_flight is None or self._micro >= self._max_micro:
@@ -261,7 +270,7 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
                 in_estimate_half = False
         if self._commit_pending:
             return
-        if in_estimate_half and not self._warned_short_steps:
+        if in_estimate_half and not self._warned_short_steps and not self._synchronous_step():
             self._warned_short_steps = True
             logger.warning(f"ACCO: the caller ended an optimizer step after {self._step_micro} micro-batch(es), "
                            f"inside the estimate half (the first {self._half_micro[RoundKind.ESTIMATE]} of "
@@ -328,8 +337,7 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
                          base_flats=list(self.bit16_groups_flat) if kind is RoundKind.ESTIMATE else [],
                          estimate_at=estimate_at,
                          loss_divisor=self._loss_divisor(kind), ready_event=ready,
-                         lr_nominal=(self._world * self._half_micro[RoundKind.ESTIMATE],
-                                     self._world * self._half_micro[RoundKind.COMMIT]) if self._lr_sqrt else (0, 0))
+                         lr_nominal=self._lr_nominal(kind))
         if kind is RoundKind.ESTIMATE:
             self._estimate_loss_scale = loss_scale
         self._in_flight = self._worker.submit(spec)
@@ -344,6 +352,14 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         if self._mode == "acco":
             self._next_kind = RoundKind.COMMIT if kind is RoundKind.ESTIMATE else RoundKind.ESTIMATE
         self._half_start = time.perf_counter()
+
+    def _lr_nominal(self, kind: RoundKind) -> tuple[int, int]:
+        """``RoundSpec.lr_nominal``: a synchronous step's one round is a whole step, the others a half each."""
+        if not self._lr_sqrt:
+            return (0, 0)
+        if kind is RoundKind.COMMIT and self._next_kind is RoundKind.ESTIMATE and self._synchronous_step():
+            return (self._world * self._ga, 0)
+        return (self._world * self._half_micro[RoundKind.ESTIMATE], self._world * self._half_micro[RoundKind.COMMIT])
 
     def _add_residual(self, grads: list[torch.Tensor], loss_scale: float) -> None:
         """Compressed estimate: add what its quantization lost (left in the estimate's buffer) to the commit's

@@ -369,6 +369,7 @@ def reference_train(
     lr_factors: list[float] | None = None,
     estimate_shift: tuple[float, float] = (1.0, 0.0),
     estimate_micro_batches: int | None = None,
+    sync_steps: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Simulate ``len(batches)`` data-parallel ranks and return the committed parameters.
 
@@ -420,6 +421,9 @@ def reference_train(
         estimate_micro_batches: acco: ``k~``, the estimate half's micro-batches per rank (``1 .. GA - 1``);
             ``None``: ``GA // 2`` (``GA`` must then be even). ``acco.estimate_fraction=0.75`` with ``GA = 4``
             is 3.
+        sync_steps: acco: the first ``sync_steps`` steps are ZeRO-1's: one round of ``GA`` micro-batches per rank
+            at theta_t (nominal count ``GA`` for ``lr_scaling``); the pipeline then starts from the committed
+            weights as at the start of training.
 
     Returns:
         ``theta_T`` as ``name -> fp32 tensor`` in ``model.named_parameters()`` order.
@@ -441,7 +445,9 @@ def reference_train(
             raise ValueError("acco with equal halves needs an even gradient_accumulation_steps")
         if mode == "acco" and estimate_micro_batches is not None and not 1 <= estimate_micro_batches < ga:
             raise ValueError("estimate_micro_batches must be in 1 .. gradient_accumulation_steps - 1")
-    if step_rounds is None:
+    if sync_steps and mode != "acco":
+        raise ValueError("sync_steps applies to acco only")
+    if step_rounds is None and sync_steps == 0:
         _check_counts(counts, rounds_per_step(mode) * num_steps, num_ranks)
 
     k_est = (estimate_micro_batches or ga // 2) if mode == "acco" else ga
@@ -451,8 +457,9 @@ def reference_train(
         step_rounds = [
             [list(counts[per_step * t + r]) if counts is not None else [per_round[r]] * num_ranks
              for r in range(per_step)]
-            for t in range(num_steps)
+            for t in range(num_steps - min(sync_steps, num_steps))
         ]
+        step_rounds = [[[ga] * num_ranks]] * min(sync_steps, num_steps) + step_rounds
     _check_step_rounds(step_rounds, mode, num_steps, num_ranks)
 
     sim = Simulator(
@@ -509,6 +516,6 @@ def reference_train(
             sim.step(first_sums, first_count, t, factor(first_count, ga))  # theta_{t+1} = Opt(theta_t, G(theta_{t-1}))
         else:
             # sync; or acco's commit of an estimate half alone (no estimate round), then restart.
-            sim.step(first_sums, first_count, t, factor(first_count, k_est))
+            sim.step(first_sums, first_count, t, factor(first_count, ga if t < sync_steps else k_est))
             compute_at = sim.snapshot_params()
     return sim.result()

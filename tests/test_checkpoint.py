@@ -43,6 +43,9 @@ ACCO_CFG = base_config(GA, LR, acco={"enabled": True})
 # The paper's whole schedule: its estimate and equal halves (2 + 2 micro-batches of GA 4).
 PAPER_CFG = base_config(GA, LR, acco={"enabled": True, "estimate": "paper", "estimate_fraction": 0.5})
 DPU_CFG = base_config(GA, LR, acco={"enabled": True, "mode": "dpu"})
+# acco.sync_steps=4: steps 1-4 are ZeRO-1's; saved 2 micro-batches into step 2 and at the boundary where ACCO starts.
+SYNC_CFG = base_config(GA, LR, acco={"enabled": True, "sync_steps": 4})
+SYNC_SAVES = {6: "sync_mid6", 4 * GA: "sync_step4"}
 PLAIN_CFG = base_config(GA, LR)
 BF16_CFG = base_config(GA, LR, bf16={"enabled": True}, acco={"enabled": True})
 FP16_CFG = base_config(GA, LR, fp16={"enabled": True, "initial_scale_power": 8, "hysteresis": 1},
@@ -202,6 +205,9 @@ def saved(ckpt_root: Path) -> dict[str, list[dict[str, Any]]]:
         "paper": {"cfg": PAPER_CFG, "steps": STEPS},
         "paper_saving": {"cfg": PAPER_CFG, "steps": STEPS,
                          "saves": {n: (str(ckpt_root / "paper"), tag) for n, tag in MID_POINTS.items()}},
+        "sync": {"cfg": SYNC_CFG, "steps": STEPS},
+        "sync_saving": {"cfg": SYNC_CFG, "steps": STEPS,
+                        "saves": {n: (str(ckpt_root / "sync"), tag) for n, tag in SYNC_SAVES.items()}},
         "dpu": {"cfg": DPU_CFG, "steps": STEPS},
         "dpu_saving": {"cfg": DPU_CFG, "steps": STEPS, "saves": {BOUNDARY: (dpu_dir, "step3")}},
         "bf16": {"cfg": BF16_CFG, "steps": STEPS, "dtype": torch.bfloat16},
@@ -249,6 +255,8 @@ def resumed(saved: Any, crashed: Any, ckpt_root: Path) -> dict[str, list[dict[st
         "step3": {"cfg": ACCO_CFG, "steps": STEPS, "load": (acco_dir, "step3")},
         **{tag: {"cfg": ACCO_CFG, "steps": STEPS, "load": (acco_dir, tag)} for tag in MID_POINTS.values()},
         "dpu_step3": {"cfg": DPU_CFG, "steps": STEPS, "load": (dpu_dir, "step3")},
+        **{tag: {"cfg": SYNC_CFG, "steps": STEPS, "load": (str(ckpt_root / "sync"), tag)}
+           for tag in SYNC_SAVES.values()},
         **{f"paper_{tag}": {"cfg": PAPER_CFG, "steps": STEPS, "load": (str(ckpt_root / "paper"), tag)}
            for tag in MID_POINTS.values()},
         "bf16_mid15": {"cfg": BF16_CFG, "steps": STEPS, "dtype": torch.bfloat16,
@@ -280,7 +288,7 @@ def _bitwise(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 @pytest.mark.timeout(200)
 def test_save_does_not_disturb_training(saved: dict[str, Any]) -> None:
     """Saving at a step boundary and three times inside a step changes nothing: bitwise the same run."""
-    for base, saving in (("acco", "acco_saving"), ("dpu", "dpu_saving")):
+    for base, saving in (("acco", "acco_saving"), ("dpu", "dpu_saving"), ("sync", "sync_saving")):
         for rank in range(WORLD):
             ref, run = job_result(saved, base)[rank], job_result(saved, saving)[rank]
             diff = _max_diff(ref["params"], run["params"])
@@ -333,12 +341,12 @@ def test_checkpoint_holds_committed_state(saved: dict[str, Any]) -> None:
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("job,base", [("step3", "acco"), ("mid13", "acco"), ("mid14", "acco"), ("mid15", "acco"),
                                       ("dpu_step3", "dpu"), ("paper_mid13", "paper"), ("paper_mid14", "paper"),
-                                      ("paper_mid15", "paper")])
+                                      ("paper_mid15", "paper"), ("sync_mid6", "sync"), ("sync_step4", "sync")])
 def test_resume_in_new_processes_is_exact(saved: dict[str, Any], resumed: dict[str, Any], job: str,
                                           base: str) -> None:
     """Loading in new processes continues exactly as the uninterrupted run (params, steps, metrics, counters); with
     the default acco.estimate="extrapolated" (its offset comes from the live parameters, which the checkpoint holds)
-    and "paper"."""
+    and "paper"; inside a synchronous step (acco.sync_steps) and where ACCO takes over from them."""
     saving = f"{base}_saving"
     tag = "step3" if job == "dpu_step3" else job.removeprefix("paper_")
     for rank in range(WORLD):

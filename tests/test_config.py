@@ -32,6 +32,8 @@ REPO = Path(__file__).resolve().parents[1]
     ({"enabled": True, "grad_accum_dtype": "fp8"}, "acco.grad_accum_dtype"),
     ({"enabled": True, "estimate_fraction": 1.0}, "acco.estimate_fraction"),
     ({"enabled": True, "estimate_fraction": 0}, "acco.estimate_fraction"),
+    ({"enabled": True, "sync_steps": -1}, "acco.sync_steps"),
+    ({"enabled": True, "sync_steps": 2.5}, "acco.sync_steps"),
     ({"enabled": True, "mode": "dpu", "adaptive_accumulation": True}, "adaptive_accumulation"),
 ])
 def test_block_refused(block: dict[str, Any], needle: str) -> None:
@@ -52,6 +54,7 @@ def test_defaults() -> None:
     cfg = get_acco_config({})
     assert (cfg.enabled, cfg.mode, cfg.adaptive_accumulation, cfg.grad_accum_dtype) == (False, "acco", False, "fp32")
     assert cfg.estimate_fraction == 0.75
+    assert cfg.sync_steps == 0
 
 
 @pytest.mark.parametrize(("ga", "fraction", "halves"), [
@@ -228,6 +231,17 @@ def test_warmup_advice(ds_config: Any, mode: str, client: Any, needle: str | Non
     else:
         assert advice is not None and needle in advice
         assert "warmup_num_steps >= 100" in advice and "1/(1+beta1) of it" in advice, advice
+
+
+@pytest.mark.parametrize("sync_steps,needle", [(0, "or set acco.sync_steps to the warm-up length (now 0)"),
+                                               (5, "or set acco.sync_steps to the warm-up length (now 5)"),
+                                               (10, "acco.sync_steps=10 already runs the warm-up synchronously")])
+def test_warmup_advice_names_sync_steps(sync_steps: int, needle: str) -> None:
+    """The short-warm-up warning offers acco.sync_steps as a fix, or says that it already covers the warm-up."""
+    from deepspeed_acco.config import warmup_advice
+
+    advice = warmup_advice(_warmup("WarmupLR", warmup_num_steps=10), AccoConfig(enabled=True, sync_steps=sync_steps))
+    assert advice is not None and needle in advice, advice
 
 
 def _initialize_logs(rank: int, world_size: int, configs: list[dict[str, Any]]) -> list[list[str]]:

@@ -73,6 +73,16 @@ JOBS: dict[str, tuple[Any, ...]] = {
     "paper": (base_config(GA, LR, **_acco(estimate="paper")), 5, SEED),
     "forced_paper": (base_config(GA, LR, **_acco(estimate="paper")), 5, SEED, {"force_in_step": {1: 3, 2: 1}}),
     "forced_adaptive": (ADAPTIVE[0], 5, SEED, {"slow_s": 0.15, "force_in_step": {1: 3, 2: 4, 3: 1}}),
+    # acco.sync_steps: the first two steps are ZeRO-1's, then ACCO starts; ACCO ends the steps, or the caller does
+    # (every step at GA, as the HF Trainer does, and a short step among the synchronous ones).
+    "acco_sync": (base_config(GA, LR, **_acco(sync_steps=2)), 5, SEED),
+    "acco_sync_caller": (base_config(GA, LR, **_acco(sync_steps=2)), 5, SEED,
+                         {"force_in_step": {0: GA, 1: 2, 2: GA, 3: GA, 4: GA}}),
+    "acco_sync_sqrt": (base_config(GA, LR, scheduler=SCHED, **_acco(sync_steps=2, adaptive_accumulation=True,
+                                                                    lr_scaling="sqrt", max_micro_batches_per_round=6)),
+                       4, SEED, {"slow_s": 0.15}),
+    # An odd GA: the default split makes 2 + 1 of GA 3 (no equal halves exist).
+    "acco_ga3": (base_config(3, LR, **_acco()), STEPS, SEED),
 }
 LOW_PRECISION_JOBS: dict[str, tuple[Any, ...]] = {
     "bf16": (base_config(GA, 3e-2, bf16={"enabled": True}, **_acco()), 8, SEED, {"dtype": "bf16", "repeat": 2}),
@@ -116,13 +126,13 @@ def wide_runs(request: pytest.FixtureRequest) -> tuple[int, dict[str, list[Any]]
     return request.param, _spawn(request.param, WIDE_JOBS, timeout_s=280)
 
 
-def _reference(mode: str, steps: int = STEPS, world: int = WORLD, **kw: Any) -> list[torch.Tensor]:
-    batches = make_batches(SEED, world, steps * GA * 6 + 8)
+def _reference(mode: str, steps: int = STEPS, world: int = WORLD, ga: int = GA, **kw: Any) -> list[torch.Tensor]:
+    batches = make_batches(SEED, world, steps * ga * 6 + 8)
     if mode == "acco":
         kw.setdefault("estimate_shift", DEFAULT_ESTIMATE_SHIFT)
-        kw.setdefault("estimate_micro_batches", DEFAULT_ESTIMATE_HALF[GA])
+        kw.setdefault("estimate_micro_batches", DEFAULT_ESTIMATE_HALF[ga])
     out = reference_train(make_model(SEED), batches, loss_fn, mode=mode, num_steps=steps,
-                          gradient_accumulation_steps=GA, lr=kw.pop("lr", LR), weight_decay=0.01,
+                          gradient_accumulation_steps=ga, lr=kw.pop("lr", LR), weight_decay=0.01,
                           max_grad_norm=kw.pop("max_grad_norm", DEEPSPEED_DEFAULT_CLIP), **kw)
     return list(out.values())
 
@@ -188,6 +198,50 @@ def test_acco_micro_batches_consumed(runs: dict[str, Any]) -> None:
     assert run["micro_batches"] == STEPS * GA
     half = DEFAULT_ESTIMATE_HALF[GA]
     assert [m["round_counts"] for m in run["metrics"]] == [[[half] * WORLD, [GA - half] * WORLD]] * STEPS
+
+
+def test_odd_accumulation_matches_reference(runs: dict[str, Any]) -> None:
+    """GA 3 (odd, accepted since the split need not be equal) splits 2 + 1 and matches the reference run with an
+    estimate half of 2 micro-batches; consumed as ZeRO-1 would: 3 per step."""
+    run = job_result(runs, "acco_ga3")
+    diff = _max_diff(run[0]["params"], _reference("acco", ga=3))
+    print(f"PARITY acco GA 3 (2 + 1) vs reference: max |diff| = {diff:.3e}")
+    assert diff < TOL
+    assert _ranks_identical(run)
+    assert [m["round_counts"] for m in run[0]["metrics"]] == [[[2] * WORLD, [1] * WORLD]] * STEPS
+    assert run[0]["micro_batches"] == STEPS * 3
+
+
+SYNC_ROUNDS = {
+    "acco_sync": [[[GA] * WORLD]] * 2 + [[[3] * WORLD, [1] * WORLD]] * 3,
+    "acco_sync_caller": [[[GA] * WORLD], [[2] * WORLD]] + [[[3] * WORLD, [1] * WORLD]] * 3,
+}
+
+
+@pytest.mark.parametrize("job", ["acco_sync", "acco_sync_caller", "acco_sync_sqrt"])
+def test_sync_steps_match_reference(runs: dict[str, Any], job: str) -> None:
+    """acco.sync_steps=2: two ZeRO-1 steps (one round of GA micro-batches at theta_t, the caller's short step
+    included), then ACCO from the committed weights; equal to the reference's ``sync_steps`` to fp32 rounding,
+    with ACCO or the caller ending the steps, and with adaptive accumulation under the sqrt LR rule (a
+    synchronous step's LR factor is 1: its nominal batch is the whole step)."""
+    result = job_result(runs, job)
+    rounds = [m["round_counts"] for m in result[0]["metrics"]]
+    print(f"SYNC {job}: rounds per step {rounds}")
+    if job in SYNC_ROUNDS:
+        assert rounds == SYNC_ROUNDS[job]
+        expected = _reference("acco", steps=len(rounds), step_rounds=rounds, sync_steps=2)
+    else:
+        assert rounds[:2] == [[[GA] * WORLD]] * 2
+        factors = [f for m in result[0]["metrics"] for f in m["round_lr_factors"]]
+        assert factors[:2] == [1.0, 1.0]
+        expected = _reference("acco", steps=len(rounds), step_rounds=rounds, sync_steps=2, lr=_sched_lr,
+                              lr_scaling="sqrt")
+    diff = _max_diff(result[0]["params"], expected)
+    print(f"PARITY {job} vs reference: max |diff| = {diff:.3e}")
+    assert diff < TOL
+    assert _ranks_identical(result)
+    # The first two steps alone are ZeRO-1's steps: the reference's synchronous schedule.
+    assert _max_diff(_reference("acco", steps=2, sync_steps=2), _reference("sync", steps=2)) == 0.0
 
 
 def test_estimate_rollback_is_exact(runs: dict[str, Any]) -> None:

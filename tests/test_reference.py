@@ -192,6 +192,35 @@ def test_acco_two_steps_match_hand_written_schedule() -> None:
     assert close(got, theta2)
 
 
+def test_acco_sync_steps_match_hand_written_schedule() -> None:
+    """acco with sync_steps=1, N=2, k=2, T=3: step 0 is ZeRO-1's (all 2k micro-batches at theta_0), then the
+    pipeline starts from theta_1 as at the start of training (theta~_1 = theta_1), the estimate first used in
+    step 2; written out with a functional AdamW."""
+    model, k, n = make_model(), 2, 2
+    batches = make_batches(n, 6 * k)
+    got = run(model, batches, mode="acco", num_steps=3, gradient_accumulation_steps=2 * k, sync_steps=1)
+
+    def grads(at: Params, lo: int, count: int = k) -> Params:
+        per_rank = [grad_sum(model, at, batches[r][lo : lo + count]) for r in range(n)]
+        return [sum(gs) for gs in zip(*per_rank, strict=True)]
+
+    def mean(a: Params, b: Params) -> Params:
+        return [(x + y) / (2 * n * k) for x, y in zip(a, b, strict=True)]
+
+    theta0, state0 = initial(model)
+    theta1, state1 = adamw(theta0, state0, [g / (2 * n * k) for g in grads(theta0, 0, 2 * k)], LR)  # ZeRO-1's step
+    g_est1 = grads(theta1, 2 * k)  # the restart: G~_1 at theta~_1 = theta_1
+    theta_est2, _ = adamw(theta1, state1, [g / (n * k) for g in g_est1], LR)
+    theta2, state2 = adamw(theta1, state1, mean(g_est1, grads(theta1, 3 * k)), LR)
+    g_est2 = grads(theta_est2, 4 * k)  # G~_2 at theta~_2
+    theta3, _ = adamw(theta2, state2, mean(g_est2, grads(theta2, 5 * k)), LR)
+    assert close(got, theta3)
+    plain = run(model, batches, mode="acco", num_steps=3, gradient_accumulation_steps=2 * k)
+    assert max_diff(got, plain) > 1e-4  # sync_steps changed the run
+    with pytest.raises(ValueError, match="sync_steps applies to acco only"):
+        run(model, batches, mode="dpu", num_steps=1, gradient_accumulation_steps=2, sync_steps=1)
+
+
 def test_dpu_matches_hand_written_stale_schedule() -> None:
     """dpu with T=3 equals theta_{t+1} = Opt(theta_t, G(theta_{t-1})) written out by hand."""
     model, n, ga, steps = make_model(), 2, 2, 3
