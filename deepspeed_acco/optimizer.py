@@ -217,8 +217,8 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
             self._commit_pending = True
 
     def _synchronous_step(self) -> bool:
-        """This step runs as ZeRO-1's (``acco.sync_steps``): one half of ``gradient_accumulation_steps``
-        micro-batches at theta_t, committed directly."""
+        """This step runs as ZeRO-1's (``acco.sync_steps``): its ``gradient_accumulation_steps`` micro-batches
+        fill the estimate half's place, all at theta_t, and are committed directly (no estimate round)."""
         return self._step < self._sync_steps
 
     def _boundary_reached(self) -> bool:
