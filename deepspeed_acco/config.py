@@ -289,8 +289,6 @@ def warmup_advice(ds_config: Any, acco: AccoConfig, *, client_lr_scheduler: Any 
     """
     if acco.mode != "acco" or client_lr_scheduler is not None:
         return None
-    sync = (f"; or set acco.sync_steps to the warm-up length (now {acco.sync_steps}) so that ACCO starts after it "
-            "(on that model, 10-step warm-up, sync_steps=10: -0.85 to +1.31 %)")
     raw = getattr(ds_config, "_param_dict", {}) or {}
     scheduler = raw.get("scheduler") or {}
     name = scheduler.get("type")
@@ -300,12 +298,15 @@ def warmup_advice(ds_config: Any, acco: AccoConfig, *, client_lr_scheduler: Any 
         steps = (scheduler.get("params") or {}).get("warmup_num_steps", 1000)
         if not isinstance(steps, int) or steps >= MIN_WARMUP_STEPS:
             return None
-        if acco.sync_steps >= steps:
-            sync = (f"; acco.sync_steps={acco.sync_steps} already runs the warm-up synchronously, which took out the "
-                    "early spikes there (on that model, sync_steps=10: -0.85 to +1.31 %)")
         what = f"scheduler.params.warmup_num_steps={steps} reaches the full LR within {steps} optimizer steps"
     else:
         return None
+    if name is not None and acco.sync_steps >= steps:
+        sync = (f"; acco.sync_steps={acco.sync_steps} already runs the warm-up synchronously, which took out the "
+                "early spikes there (on that model, sync_steps=10: -0.85 to +1.31 %)")
+    else:
+        sync = (f"; or set acco.sync_steps to the warm-up length (now {acco.sync_steps}) so that ACCO starts after "
+                "it (on that model, 10-step warm-up, sync_steps=10: -0.85 to +1.31 %)")
     return (f"ACCO: {what}. ACCO's estimate lowers the largest stable step below ZeRO-1's (to about 3/4 of it "
             "with the default acco.estimate_fraction=0.75, to 1/(1+beta1) of it with the paper's equal halves), so "
             "with a short warm-up its loss can spike where ZeRO-1's does not and end behind it (measured on a "

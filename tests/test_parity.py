@@ -223,7 +223,8 @@ def test_sync_steps_match_reference(runs: dict[str, Any], job: str) -> None:
     """acco.sync_steps=2: two ZeRO-1 steps (one round of GA micro-batches at theta_t, the caller's short step
     included), then ACCO from the committed weights; equal to the reference's ``sync_steps`` to fp32 rounding,
     with ACCO or the caller ending the steps, and with adaptive accumulation under the sqrt LR rule (a
-    synchronous step's LR factor is 1: its nominal batch is the whole step)."""
+    synchronous step's LR factor is 1: its nominal batch is the whole step). That the reference's synchronous steps
+    are its ZeRO-1 steps: ``tests/test_reference.py``."""
     result = job_result(runs, job)
     rounds = [m["round_counts"] for m in result[0]["metrics"]]
     print(f"SYNC {job}: rounds per step {rounds}")
@@ -240,8 +241,6 @@ def test_sync_steps_match_reference(runs: dict[str, Any], job: str) -> None:
     print(f"PARITY {job} vs reference: max |diff| = {diff:.3e}")
     assert diff < TOL
     assert _ranks_identical(result)
-    # The first two steps alone are ZeRO-1's steps: the reference's synchronous schedule.
-    assert _max_diff(_reference("acco", steps=2, sync_steps=2), _reference("sync", steps=2)) == 0.0
 
 
 def test_estimate_rollback_is_exact(runs: dict[str, Any]) -> None:

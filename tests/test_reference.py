@@ -221,6 +221,14 @@ def test_acco_sync_steps_match_hand_written_schedule() -> None:
         run(model, batches, mode="dpu", num_steps=1, gradient_accumulation_steps=2, sync_steps=1)
 
 
+def test_acco_sync_steps_are_sync_steps() -> None:
+    """While every step is synchronous (sync_steps >= T), acco is the reference's ZeRO-1 mode bit for bit."""
+    model, batches = make_model(), make_batches(2, 8)
+    sync = run(model, batches, mode="sync", num_steps=2, gradient_accumulation_steps=4)
+    acco = run(model, batches, mode="acco", num_steps=2, gradient_accumulation_steps=4, sync_steps=2)
+    assert max_diff(sync, acco) == 0.0
+
+
 def test_dpu_matches_hand_written_stale_schedule() -> None:
     """dpu with T=3 equals theta_{t+1} = Opt(theta_t, G(theta_{t-1})) written out by hand."""
     model, n, ga, steps = make_model(), 2, 2, 3
