@@ -41,10 +41,12 @@ METHODS = {"zero1": ("zero1.json", {}), "acco": ("acco.json", {}), "dpu": ("dpu.
            "acco_split": ("acco.json", {"estimate": "extrapolated", "estimate_fraction": 0.75}),
            "acco_paper_split": ("acco.json", {"estimate": "paper", "estimate_fraction": 0.75}),
            "acco_sync10": ("acco.json", {"sync_steps": 10}),
-           "zero1_twin": ("zero1.json", {})}
+           "zero1_twin": ("zero1.json", {}),
+           "acco_sync10_twin": ("acco.json", {"sync_steps": 10})}
 """Method -> (ds_configs file, overrides of its "acco" block). ``acco_extrapolated`` and ``acco_paper`` split every
 step into equal halves (``estimate_fraction`` 0.5, as every run before 0.75 became the default); ``acco_split`` is
-the default written out; ``acco_sync10`` is the default with ``sync_steps`` 10 (the first 10 steps ZeRO-1's)."""
+the default written out; ``acco_sync10`` is the default with ``sync_steps`` 10 (the first 10 steps ZeRO-1's). A
+``_twin`` method is its method again from perturbed initial weights (``--perturb_init 1e-6``)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,7 +97,7 @@ def run_one(method: str, world: int, seed: int, args: argparse.Namespace, work: 
            "--no_progress", "--output_dir", str(out)]
     if args.lr is not None:
         cmd += ["--lr", str(args.lr)]
-    if method == "zero1_twin":
+    if method.endswith("_twin"):
         cmd += ["--perturb_init", "1e-6"]
     threads = max(1, (os.cpu_count() or 1) // (world * (args.parallel if world == 1 else 1)))
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1"}
@@ -146,10 +148,12 @@ def paired_table(runs: list[dict[str, Any]]) -> str:
         if base is not None and run is not base:
             last = str(max(int(s) for s in run["eval"]))
             gaps.setdefault(run["method"], []).append(run["eval"][last] / base["eval"][last] - 1)
-    lines += ["", "| method | final gap to ZeRO-1, per setting and seed | mean | max abs |", "|---|---|---:|---:|"]
+    lines += ["", "| method | final gap to ZeRO-1, per setting and seed | mean | std | max abs |",
+              "|---|---|---:|---:|---:|"]
     for method, values in gaps.items():
+        std = f"{statistics.stdev(values):.2%}" if len(values) > 1 else ""
         lines.append(f"| {method} | {', '.join(f'{v:+.2%}' for v in values)} | {statistics.mean(values):+.2%} | "
-                     f"{max(abs(v) for v in values):.2%} |")
+                     f"{std} | {max(abs(v) for v in values):.2%} |")
     return "\n".join(lines) + "\n" + seed_noise_table(runs)
 
 

@@ -146,8 +146,10 @@ def incompatibility(opt: AccoZeroOptimizer, acco: dict[str, Any] | None) -> str 
                opt._half_micro[RoundKind.COMMIT], opt._world,
                [f.numel() for f in opt.bit16_groups_flat])
     if saved != current:
-        return (f"saved with (mode, estimate compression, micro-batches of the estimate half and of the commit "
-                f"half, world size, flat sizes) {saved}, running {current}")
+        return (f"saved with (acco.mode, acco.estimate_compression, micro-batches of the estimate half and of the "
+                f"commit half [acco.estimate_fraction of gradient_accumulation_steps], world size, flat sizes) "
+                f"{saved}, running {current} (the estimate half and any partial accumulation are dropped; run "
+                f"with the saved values to resume exactly)")
     return None
 
 

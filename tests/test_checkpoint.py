@@ -122,7 +122,10 @@ def _probe_latest_order(engine: Any, rank: int, save_dir: str, tag: str, record:
 
 def ckpt_worker(rank: int, world_size: int, job: dict[str, Any]) -> dict[str, Any]:
     """One training job: optionally load, train to ``steps`` committed steps, save at micro-batch counts."""
+    import logging
+
     import deepspeed
+    from deepspeed.utils import logger as ds_logger
 
     import deepspeed_acco
     from tests.dist_utils import allow_cpu_fp16, init_rank
@@ -139,11 +142,19 @@ def ckpt_worker(rank: int, world_size: int, job: dict[str, Any]) -> dict[str, An
     i = 0
     if job.get("load"):
         load_dir, tag = job["load"]
-        path, client_state = engine.load_checkpoint(load_dir, tag=tag, **job.get("load_kwargs", {}))
+        warnings: list[str] = []
+        handler = logging.Handler(level=logging.WARNING)
+        handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
+        ds_logger.addHandler(handler)
+        try:
+            path, client_state = engine.load_checkpoint(load_dir, tag=tag, **job.get("load_kwargs", {}))
+        finally:
+            ds_logger.removeHandler(handler)
         i = client_state["data_position"]
         out["after_load"] = {"path": path, "data_position": i, "global_steps": engine.global_steps,
                              "micro_steps": engine.micro_steps, "state": _opt_state(engine),
-                             "params": _committed(engine, model)}
+                             "params": _committed(engine, model),
+                             "warnings": [w for w in warnings if w.startswith("ACCO load")]}
     data = make_batches(SEED, world_size, NUM_MICRO)[rank]
     saves: dict[int, tuple[str, str]] = job.get("saves", {})
     losses = []
@@ -264,6 +275,8 @@ def resumed(saved: Any, crashed: Any, ckpt_root: Path) -> dict[str, list[dict[st
         "after_crash": {"cfg": ACCO_CFG, "steps": STEPS, "load": (str(ckpt_root / "crash"), None)},
         "plain_into_acco": {"cfg": ACCO_CFG, "steps": STEPS, "load": (plain_dir, "step3")},
         "acco_into_plain": {"cfg": PLAIN_CFG, "steps": STEPS, "plain": True, "load": (acco_dir, "step3")},
+        # Saved with the default 3 + 1 split while its estimate round was in flight, loaded with equal halves.
+        "split_mismatch": {"cfg": PAPER_CFG, "steps": STEPS, "load": (acco_dir, "mid15")},
         "module_only": {"cfg": ACCO_CFG, "steps": 2, "load": (acco_dir, "mid15"),
                         "load_kwargs": {"load_module_only": True}},
     }
@@ -447,6 +460,33 @@ def test_load_module_only_into_acco(saved: dict[str, Any], resumed: dict[str, An
               f"global_steps after load {run['after_load']['global_steps']}; metric steps {run['metric_steps']}")
         assert pdiff == 0.0 and mdiff == 0.0 and run["after_load"]["global_steps"] == 0
         assert all(torch.isfinite(torch.tensor(run["losses"]))) and run["metric_steps"] == [1, 2]
+
+
+@pytest.mark.timeout(200)
+def test_checkpoint_from_another_split_restarts_from_committed(saved: dict[str, Any],
+                                                              resumed: dict[str, Any]) -> None:
+    """A checkpoint saved with another ``acco.estimate_fraction`` (3 + 1, mid-step, a round in flight) loaded with
+    equal halves: a warning names both splits, the committed weights and AdamW state load exactly, the pipeline
+    restarts from them at the saved ``global_steps`` and training goes on, ranks identical."""
+    runs = job_result(resumed, "split_mismatch")
+    for rank in range(WORLD):
+        run = runs[rank]
+        at_save = job_result(saved, "acco_saving")[rank]["saved"]["mid15"]
+        pdiff, sdiff = _loaded_diffs(run, at_save)
+        print(f"SPLIT MISMATCH rank {rank}: params max |diff| {pdiff:.3e}, optimizer state max |diff| {sdiff:.3e}; "
+              f"global_steps after load {run['after_load']['global_steps']}; metric steps {run['metric_steps']}; "
+              f"warnings {run['after_load']['warnings']}")
+        assert pdiff == 0.0 and sdiff == 0.0
+        assert len(run["after_load"]["warnings"]) == 1
+        warning = run["after_load"]["warnings"][0]
+        assert "acco.estimate_fraction of gradient_accumulation_steps" in warning
+        assert "'acco', 'none', 3, 1," in warning and "'acco', 'none', 2, 2," in warning, warning
+        assert "restarts from the committed parameters" in warning
+        steps = at_save["global_steps"]
+        assert run["after_load"]["global_steps"] == steps and run["global_steps"] == STEPS
+        assert run["metric_steps"] == list(range(steps + 1, STEPS + 1))
+        assert all(torch.isfinite(torch.tensor(run["losses"])))
+    assert _bitwise(runs[0]["params"], runs[1]["params"])
 
 
 def _sync_from_checkpoint(ckpt_dir: Path, start: int, steps: int) -> list[torch.Tensor]:
