@@ -63,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=None, help="override the configs' warmup_num_steps")
     p.add_argument("--ga", type=int, default=None, help="override gradient_accumulation_steps")
     p.add_argument("--clip", type=float, default=None, help="override gradient_clipping (0: off)")
+    p.add_argument("--decay", action="store_const", const=True, default=None,
+                   help="WarmupDecayLR instead of the configs' WarmupLR: the same warm-up, then a linear decay to 0 "
+                        "at --steps")
     p.add_argument("--parallel", type=int, default=2, help="world-size-1 runs at a time")
     p.add_argument("--timeout_s", type=float, default=14400.0)
     p.add_argument("--out", required=True)
@@ -80,6 +83,9 @@ def _config(method: str, args: argparse.Namespace, directory: Path) -> Path:
         config["gradient_accumulation_steps"] = args.ga
     if args.clip is not None:
         config["gradient_clipping"] = args.clip
+    if args.decay:
+        config["scheduler"] = {"type": "WarmupDecayLR",
+                               "params": {**config["scheduler"]["params"], "total_num_steps": args.steps}}
     path = directory / f"{method}.json"
     path.write_text(json.dumps(config))
     return path
@@ -116,8 +122,9 @@ def run_one(method: str, world: int, seed: int, args: argparse.Namespace, work: 
             "command": " ".join(cmd)}
 
 
-OVERRIDES = ("lr", "warmup", "ga", "clip")
-"""Settings a run may override (``--lr``, ``--warmup``, ``--ga``, ``--clip``): recorded per run, part of the pairing."""
+OVERRIDES = ("lr", "warmup", "ga", "clip", "decay")
+"""Settings a run may override (``--lr``, ``--warmup``, ``--ga``, ``--clip``, ``--decay``): recorded per run, part of
+the pairing."""
 
 
 def _same_setting(a: dict[str, Any], b: dict[str, Any]) -> bool:
@@ -125,7 +132,8 @@ def _same_setting(a: dict[str, Any], b: dict[str, Any]) -> bool:
 
 
 def _overrides(run: dict[str, Any]) -> str:
-    """The settings a run overrode (``--lr``, ``--warmup``, ``--ga``, ``--clip``), for the table's method column."""
+    """The settings a run overrode (``--lr``, ``--warmup``, ``--ga``, ``--clip``, ``--decay``), for the table's
+    method column."""
     given = [f"{k} {run[k]}" for k in OVERRIDES if run.get(k) is not None]
     return f" ({', '.join(given)})" if given else ""
 

@@ -108,3 +108,21 @@ def test_estimate_map_seed_summary() -> None:
     rows = {line.split(" | ")[2]: line for line in seed_summary(runs).splitlines() if line.startswith("| tiny")}
     assert rows["ACCO, paper estimate"].endswith("| 1: +1.00% (3.0), 2: +2.00% (3.0) | +1.50% | 0.71% |")
     assert rows["ACCO, paper+shift1.1,0.2,0 estimate"].endswith("| 1: -1.00% (3.0) | -1.00% |  |")
+
+
+def test_study_config_overrides(tmp_path: Any) -> None:
+    """The study's overrides: ``--decay`` swaps WarmupLR for WarmupDecayLR with the same warm-up, ending at ``--steps``;
+    a ``_twin`` method keeps its method's ``acco`` block; every override is recorded for the pairing."""
+    import json
+
+    from benchmarks.convergence import OVERRIDES, _config, parse_args
+
+    args = parse_args(["--decay", "--steps", "50", "--warmup", "20", "--out", str(tmp_path / "x.json")])
+    config = json.loads(_config("acco_sync10_twin", args, tmp_path).read_text())
+    assert config["scheduler"]["type"] == "WarmupDecayLR", config["scheduler"]
+    assert config["scheduler"]["params"] == {"warmup_min_lr": 0.0, "warmup_max_lr": 0.001, "warmup_num_steps": 20,
+                                             "warmup_type": "linear", "total_num_steps": 50}
+    assert config["acco"]["sync_steps"] == 10
+    plain = json.loads(_config("zero1", parse_args(["--out", "x"]), tmp_path).read_text())
+    assert plain["scheduler"]["type"] == "WarmupLR" and "acco" not in plain
+    assert "decay" in OVERRIDES
