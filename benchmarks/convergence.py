@@ -40,13 +40,12 @@ METHODS = {"zero1": ("zero1.json", {}), "acco": ("acco.json", {}), "dpu": ("dpu.
            "acco_paper": ("acco.json", {"estimate": "paper", "estimate_fraction": 0.5}),
            "acco_split": ("acco.json", {"estimate": "extrapolated", "estimate_fraction": 0.75}),
            "acco_paper_split": ("acco.json", {"estimate": "paper", "estimate_fraction": 0.75}),
-           "acco_sync10": ("acco.json", {"sync_steps": 10}),
-           "zero1_twin": ("zero1.json", {}),
-           "acco_sync10_twin": ("acco.json", {"sync_steps": 10})}
+           "acco_sync10": ("acco.json", {"sync_steps": 10})}
 """Method -> (ds_configs file, overrides of its "acco" block). ``acco_extrapolated`` and ``acco_paper`` split every
 step into equal halves (``estimate_fraction`` 0.5, as every run before 0.75 became the default); ``acco_split`` is
-the default written out; ``acco_sync10`` is the default with ``sync_steps`` 10 (the first 10 steps ZeRO-1's). A
-``_twin`` method is its method again from perturbed initial weights (``--perturb_init 1e-6``)."""
+the default written out; ``acco_sync10`` is the default with ``sync_steps`` 10 (the first 10 steps ZeRO-1's). Any
+method also runs as ``<method>_twin`` (``zero1_twin``, ``acco_sync10_twin``): the same config from perturbed initial
+weights (``--perturb_init 1e-6``)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,7 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--preset", default="small")
     p.add_argument("--worlds", default="2", help="comma-separated world sizes (ranks on this machine)")
     p.add_argument("--seeds", default="1234,7")
-    p.add_argument("--methods", default="zero1,acco,zero1_twin", help=f"any of {', '.join(METHODS)}")
+    p.add_argument("--methods", default="zero1,acco,zero1_twin",
+                   help=f"any of {', '.join(METHODS)}, each also as <method>_twin")
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--eval_every", type=int, default=25)
     p.add_argument("--lr", type=float, default=None, help="override the configs' lr (and warmup_max_lr)")
@@ -73,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _config(method: str, args: argparse.Namespace, directory: Path) -> Path:
-    name, acco_extra = METHODS[method]
+    name, acco_extra = METHODS[method.removesuffix("_twin")]
     config = json.loads((ROOT / "ds_configs" / name).read_text())
     if acco_extra:
         config["acco"].update(acco_extra)

@@ -12,7 +12,7 @@ keeps each job's exception as a ``JobFailure`` instead of losing the whole spawn
 then fails only the tests that read that job, with its traceback.
 
 ``allow_cpu_fp16`` lets DeepSpeed run fp16 configs on CPUs whose mkldnn has no fp16 kernels
-(see the README's Tests section).
+(see the README's Tests section). ``logged_warnings`` collects what DeepSpeed's logger warns inside a block.
 """
 
 from __future__ import annotations
@@ -23,12 +23,30 @@ import pickle
 import queue
 import socket
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = ["JobFailure", "allow_cpu_fp16", "cpu_fp16_probe", "free_port", "init_rank", "job_result",
-           "run_distributed", "run_jobs_isolated"]
+           "logged_warnings", "run_distributed", "run_jobs_isolated"]
+
+
+@contextmanager
+def logged_warnings() -> Iterator[list[str]]:
+    """The messages DeepSpeed's logger (which deepspeed_acco logs through) emits at WARNING or above in the block."""
+    import logging
+
+    from deepspeed.utils import logger
+
+    seen: list[str] = []
+    handler = logging.Handler(level=logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)
 
 
 def free_port() -> int:

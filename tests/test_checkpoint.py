@@ -122,13 +122,10 @@ def _probe_latest_order(engine: Any, rank: int, save_dir: str, tag: str, record:
 
 def ckpt_worker(rank: int, world_size: int, job: dict[str, Any]) -> dict[str, Any]:
     """One training job: optionally load, train to ``steps`` committed steps, save at micro-batch counts."""
-    import logging
-
     import deepspeed
-    from deepspeed.utils import logger as ds_logger
 
     import deepspeed_acco
-    from tests.dist_utils import allow_cpu_fp16, init_rank
+    from tests.dist_utils import allow_cpu_fp16, init_rank, logged_warnings
     from tests.workers import WithLoss
 
     init_rank()
@@ -142,14 +139,8 @@ def ckpt_worker(rank: int, world_size: int, job: dict[str, Any]) -> dict[str, An
     i = 0
     if job.get("load"):
         load_dir, tag = job["load"]
-        warnings: list[str] = []
-        handler = logging.Handler(level=logging.WARNING)
-        handler.emit = lambda record: warnings.append(record.getMessage())  # type: ignore[method-assign]
-        ds_logger.addHandler(handler)
-        try:
+        with logged_warnings() as warnings:
             path, client_state = engine.load_checkpoint(load_dir, tag=tag, **job.get("load_kwargs", {}))
-        finally:
-            ds_logger.removeHandler(handler)
         i = client_state["data_position"]
         out["after_load"] = {"path": path, "data_position": i, "global_steps": engine.global_steps,
                              "micro_steps": engine.micro_steps, "state": _opt_state(engine),

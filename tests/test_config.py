@@ -246,24 +246,16 @@ def test_warmup_advice_names_sync_steps(sync_steps: int, needle: str) -> None:
 
 def _initialize_logs(rank: int, world_size: int, configs: list[dict[str, Any]]) -> list[list[str]]:
     """In a spawned rank: initialize each config; return the warnings DeepSpeed's logger printed."""
-    import logging
-
-    from deepspeed.utils import logger
-
     import deepspeed_acco
-    from tests.dist_utils import init_rank
+    from tests.dist_utils import init_rank, logged_warnings
     from tests.workers import WithLoss, make_model
 
     init_rank()
     out = []
     for cfg in configs:
-        seen: list[str] = []
-        handler = logging.Handler(level=logging.WARNING)
-        handler.emit = lambda record, seen=seen: seen.append(record.getMessage())  # type: ignore[method-assign]
-        logger.addHandler(handler)
         module = WithLoss(make_model())
-        engine, *_ = deepspeed_acco.initialize(model=module, model_parameters=module.parameters(), config=cfg)
-        logger.removeHandler(handler)
+        with logged_warnings() as seen:
+            engine, *_ = deepspeed_acco.initialize(model=module, model_parameters=module.parameters(), config=cfg)
         engine.destroy()
         out.append(seen)
     return out

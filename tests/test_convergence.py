@@ -126,3 +126,18 @@ def test_study_config_overrides(tmp_path: Any) -> None:
     plain = json.loads(_config("zero1", parse_args(["--out", "x"]), tmp_path).read_text())
     assert plain["scheduler"]["type"] == "WarmupLR" and "acco" not in plain
     assert "decay" in OVERRIDES
+
+
+def test_paired_table_summary_has_std() -> None:
+    """The paired summary: each method's final gaps to the ZeRO-1 run of the same seed, their mean, std and max."""
+    from benchmarks.convergence import paired_table
+
+    def run(method: str, seed: int, loss: float) -> dict[str, Any]:
+        return {"preset": "small", "world": 2, "steps": 100, "seed": seed, "method": method, "eval": {"100": loss}}
+
+    runs = [run("zero1", 1, 2.0), run("zero1", 2, 2.5), run("acco", 1, 2.02), run("acco", 2, 2.55),  # +1 %, +2 %
+            run("dpu", 1, 2.2)]  # +10 %, one seed: no std
+    rows = {line.split(" | ")[0]: line for line in paired_table(runs).splitlines() if line.startswith("| acco |")
+            or line.startswith("| dpu |")}
+    assert rows["| acco"] == "| acco | +1.00%, +2.00% | +1.50% | 0.71% | 2.00% |", rows
+    assert rows["| dpu"] == "| dpu | +10.00% | +10.00% |  | 10.00% |", rows
