@@ -40,10 +40,12 @@ METHODS = {"zero1": ("zero1.json", {}), "acco": ("acco.json", {}), "dpu": ("dpu.
            "acco_paper": ("acco.json", {"estimate": "paper", "estimate_fraction": 0.5}),
            "acco_split": ("acco.json", {"estimate": "extrapolated", "estimate_fraction": 0.75}),
            "acco_paper_split": ("acco.json", {"estimate": "paper", "estimate_fraction": 0.75}),
-           "acco_sync10": ("acco.json", {"sync_steps": 10})}
+           "acco_sync10": ("acco.json", {"sync_steps": 10}),
+           "acco_paper_sync10": ("acco.json", {"estimate": "paper", "estimate_fraction": 0.75, "sync_steps": 10})}
 """Method -> (ds_configs file, overrides of its "acco" block). ``acco_extrapolated`` and ``acco_paper`` split every
 step into equal halves (``estimate_fraction`` 0.5, as every run before 0.75 became the default); ``acco_split`` is
-the default written out; ``acco_sync10`` is the default with ``sync_steps`` 10 (the first 10 steps ZeRO-1's). Any
+the default written out; ``acco_sync10`` is the default with ``sync_steps`` 10 (the first 10 steps ZeRO-1's), and
+``acco_paper_sync10`` the same with the paper's estimate (whose edge of stability is ZeRO-1's at this split). Any
 method also runs as ``<method>_twin`` (``zero1_twin``, ``acco_sync10_twin``): the same config from perturbed initial
 weights (``--perturb_init 1e-6``)."""
 
@@ -69,7 +71,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--parallel", type=int, default=2, help="world-size-1 runs at a time")
     p.add_argument("--timeout_s", type=float, default=14400.0)
     p.add_argument("--out", required=True)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    unknown = [m for m in args.methods.split(",") if m.removesuffix("_twin") not in METHODS]
+    if unknown:
+        p.error(f"unknown method(s) {unknown} in --methods; choose from {', '.join(METHODS)} (each also as "
+                "<method>_twin)")
+    return args
 
 
 def _config(method: str, args: argparse.Namespace, directory: Path) -> Path:

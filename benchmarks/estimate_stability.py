@@ -22,6 +22,7 @@ where the commit weighs it by half; it flips sign and grows once ``(1 - b) a / 2
 
     python benchmarks/estimate_stability.py            # the table for beta1 = 0.9
     python benchmarks/estimate_stability.py --beta1 0.95
+    python benchmarks/estimate_stability.py --search 0.75   # every (s, k) of a grid at the default split
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-__all__ = ["RULES", "edge_of_stability", "main", "step_matrix"]
+__all__ = ["RULES", "edge_of_stability", "main", "shift_search", "step_matrix"]
 
 # x~' as a row over (x, m, x~, x_prev), for step size a and momentum b.
 Row = Callable[[float, float], list[float]]
@@ -135,11 +136,42 @@ def edge_of_stability(rule: str, b: float, a_max: float = 200.0, tol: float = 1e
     return hi
 
 
+SEARCH_S, SEARCH_K = tuple(np.round(np.arange(0.8, 1.61, 0.05), 2)), tuple(np.round(np.arange(-0.4, 0.91, 0.1), 2))
+SEARCH_STEPS = (5.0, 10.0, 20.0, 25.0, 30.0, 35.0)
+
+
+def shift_search(b: float, f: float, scales: tuple[float, ...] = SEARCH_S, carries: tuple[float, ...] = SEARCH_K,
+                 steps: tuple[float, ...] = SEARCH_STEPS) -> list[tuple[float, float, float, list[float]]]:
+    """Every shift rule (s, k) of a grid at share ``f``: (s, k, edge over ZeRO-1's, E[x^2] over ZeRO-1's at
+    ``steps``), the trade-off between raising the edge and keeping the noise excess low."""
+    zero1 = edge_of_stability("zero1", b)
+    out = []
+    for s in scales:
+        for k in carries:
+            name = f"shift {s:g}, {k:g}"
+            RULES[name], NOISE[name] = _shift_row(float(s), float(k)), (lambda bb, s=float(s): -s * (1 - bb))
+            edge = edge_of_stability(name, b, a_max=80.0, f=f) / zero1
+            ratios = [stationary_excess(name, a, b, f) / stationary_excess("zero1", a, b) for a in steps]
+            out.append((float(s), float(k), edge, ratios))
+            del RULES[name], NOISE[name]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Print each rule's edge of stability and its ratio to ZeRO-1's."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--beta1", type=float, default=0.9)
+    p.add_argument("--search", type=float, default=None, metavar="F",
+                   help="instead: every shift rule (s in 0.8..1.6, k in -0.4..0.9) at estimate_fraction F, by edge")
     args = p.parse_args(argv)
+    if args.search is not None:
+        rows = sorted(shift_search(args.beta1, args.search), key=lambda r: (-round(r[2], 2), max(r[3])))
+        print(f"| s | k | edge over ZeRO-1's (f = {args.search:g}) | E[x^2] over ZeRO-1's, a = "
+              + " / ".join(f"{a:g}" for a in SEARCH_STEPS) + " |\n|---:|---:|---:|---|")
+        for s, k, edge, ratios in rows:
+            excess = " / ".join("unstable" if r == float("inf") else f"{r:.2f}" for r in ratios)
+            print(f"| {s:g} | {k:g} | {edge:.2f} | {excess} |")
+        return 0
     zero1 = edge_of_stability("zero1", args.beta1)
     print(f"| estimate rule (beta1 = {args.beta1}) | edge of stability lr*h/sqrt(v) | fraction of ZeRO-1's |")
     print("|---|---:|---:|")

@@ -283,7 +283,7 @@ def warmup_advice(ds_config: Any, acco: AccoConfig, *, client_lr_scheduler: Any 
     ``1 / (1 + beta1)`` of it with the paper's equal halves, about 3/4 with the default split). A run that
     reaches its full LR within a few steps meets that edge early, while the weights still change fast: ACCO's
     loss spikes where ZeRO-1's does not and stays behind. Nothing is refused; the fix is a longer warm-up (or a
-    lower LR), or ``acco.sync_steps`` over the warm-up (the message says whether it is set). Only DeepSpeed's own
+    lower LR), or ``acco.sync_steps`` over the warm-up (with that set, nothing is logged). Only DeepSpeed's own
     warm-up schedulers (``WarmupLR``, ``WarmupDecayLR``, ``WarmupCosineLR``) and a config with no scheduler at all
     can be judged; a scheduler passed to ``initialize`` (the HF Trainer's) is not inspected.
     """
@@ -302,11 +302,9 @@ def warmup_advice(ds_config: Any, acco: AccoConfig, *, client_lr_scheduler: Any 
     else:
         return None
     if name is not None and acco.sync_steps >= steps:
-        sync = (f"; acco.sync_steps={acco.sync_steps} already runs the warm-up synchronously, which took out the "
-                "early spikes there (on that model, sync_steps=10: -0.85 to +1.31 %)")
-    else:
-        sync = (f"; or set acco.sync_steps to the warm-up length (now {acco.sync_steps}) so that ACCO starts after "
-                "it (on that model, 10-step warm-up, sync_steps=10: -0.85 to +1.31 %)")
+        return None  # the warm-up already runs as ZeRO-1's steps: nothing to advise
+    sync = (f"; or set acco.sync_steps to the warm-up length (now {acco.sync_steps}) so that ACCO starts after "
+            "it (on that model, 10-step warm-up, sync_steps=10: -0.85 to +1.31 %)")
     return (f"ACCO: {what}. ACCO's estimate lowers the largest stable step below ZeRO-1's (to about 3/4 of it "
             "with the default acco.estimate_fraction=0.75, to 1/(1+beta1) of it with the paper's equal halves), so "
             "with a short warm-up its loss can spike where ZeRO-1's does not and end behind it (measured on a "

@@ -98,7 +98,8 @@ What the measurements and the schedule add to the field descriptions above:
   above the longest round ([Failures](failures-and-checkpoints.md#failures)).
 - The LR schedule (not a key of the block): `initialize` logs a warning, and refuses nothing, when DeepSpeed's
   own `WarmupLR`, `WarmupDecayLR` or `WarmupCosineLR` warms up over fewer than 100 steps
-  (`scheduler.params.warmup_num_steps`) or no scheduler is configured. ACCO's estimate lowers the edge of
+  (`scheduler.params.warmup_num_steps`), unless `sync_steps` covers the warm-up, or no scheduler is configured.
+  ACCO's estimate lowers the edge of
   stability below ZeRO-1's (to about 3/4 of it with the default split, 1/(1+beta1) with equal halves), and such
   runs can spike and trail ZeRO-1
   ([Why ACCO can trail ZeRO-1](how-it-works.md#why-acco-can-trail-zero-1)). A scheduler passed to `initialize`

@@ -110,9 +110,10 @@ def test_estimate_map_seed_summary() -> None:
     assert rows["ACCO, paper+shift1.1,0.2,0 estimate"].endswith("| 1: -1.00% (3.0) | -1.00% |  |")
 
 
-def test_study_config_overrides(tmp_path: Any) -> None:
+def test_study_config_overrides(tmp_path: Any, capsys: pytest.CaptureFixture[str]) -> None:
     """The study's overrides: ``--decay`` swaps WarmupLR for WarmupDecayLR with the same warm-up, ending at ``--steps``;
-    a ``_twin`` method keeps its method's ``acco`` block; every override is recorded for the pairing."""
+    a ``_twin`` method keeps its method's ``acco`` block; every override is recorded for the pairing; an unknown
+    method is refused when the arguments are parsed."""
     import json
 
     from benchmarks.convergence import OVERRIDES, _config, parse_args
@@ -126,6 +127,9 @@ def test_study_config_overrides(tmp_path: Any) -> None:
     plain = json.loads(_config("zero1", parse_args(["--out", "x"]), tmp_path).read_text())
     assert plain["scheduler"]["type"] == "WarmupLR" and "acco" not in plain
     assert "decay" in OVERRIDES
+    with pytest.raises(SystemExit):
+        parse_args(["--methods", "zero1,acco_sync_10", "--out", "x"])  # a typo fails before any run starts
+    assert "unknown method(s) ['acco_sync_10']" in capsys.readouterr().err
 
 
 def test_paired_table_summary_has_std() -> None:
