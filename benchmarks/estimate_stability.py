@@ -64,6 +64,10 @@ def _shift_row(s: float, k: float) -> Row:
     return lambda a, b: [1.0 - k, -s * b, -s * (1 - b) * a + k, 0.0]
 
 
+def _shift_noise(s: float) -> Callable[[float], float]:
+    return lambda b: -s * (1 - b)
+
+
 RULES.update({name: _shift_row(s, k) for name, (s, k) in SHIFTS.items()})
 
 NOISE: dict[str, Callable[[float], float]] = {
@@ -71,7 +75,7 @@ NOISE: dict[str, Callable[[float], float]] = {
     "damped 0.5": lambda b: -0.5 * (1 - b),
     "momentum": lambda b: 0.0,
     "none (stale half)": lambda b: 0.0,
-    **{name: (lambda b, s=s: -s * (1 - b)) for name, (s, _) in SHIFTS.items()},
+    **{name: _shift_noise(s) for name, (s, _) in SHIFTS.items()},
 }
 """How much of the first half-batch's gradient noise each rule's x~' takes (rules that also take older noise,
 ``G~_t + G_(t-1)``, are left out of the noise table)."""
@@ -148,12 +152,14 @@ def shift_search(b: float, f: float, scales: tuple[float, ...] = SEARCH_S, carri
     out = []
     for s in scales:
         for k in carries:
-            name = f"shift {s:g}, {k:g}"
-            RULES[name], NOISE[name] = _shift_row(float(s), float(k)), (lambda bb, s=float(s): -s * (1 - bb))
-            edge = edge_of_stability(name, b, a_max=80.0, f=f) / zero1
-            ratios = [stationary_excess(name, a, b, f) / stationary_excess("zero1", a, b) for a in steps]
+            name = f"_search {s:g}, {k:g}"  # a name of its own: the table's rules stay as they are
+            RULES[name], NOISE[name] = _shift_row(float(s), float(k)), _shift_noise(float(s))
+            try:
+                edge = edge_of_stability(name, b, a_max=80.0, f=f) / zero1
+                ratios = [stationary_excess(name, a, b, f) / stationary_excess("zero1", a, b) for a in steps]
+            finally:
+                del RULES[name], NOISE[name]
             out.append((float(s), float(k), edge, ratios))
-            del RULES[name], NOISE[name]
     return out
 
 

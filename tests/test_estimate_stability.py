@@ -114,3 +114,4 @@ def test_no_shift_rule_has_both_zero1s_edge_and_less_noise() -> None:
     assert all(r[3][2] > 1.5 for r in full_edge), full_edge
     assert all(r[2] < 0.9 for r in low_noise), low_noise
     assert (1.0, 0.0) in [(s, k) for s, k, *_ in full_edge]  # the paper's estimate keeps the edge at f = 0.75
+    assert "shift 1.1, 0.2" in RULES and not [r for r in RULES if r.startswith("_search")]  # the table is untouched
