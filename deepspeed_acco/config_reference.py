@@ -102,8 +102,11 @@ What the measurements and the schedule add to the field descriptions above:
   ACCO's estimate lowers the edge of
   stability below ZeRO-1's (to about 3/4 of it with the default split, 1/(1+beta1) with equal halves), and such
   runs can spike and trail ZeRO-1
-  ([Why ACCO can trail ZeRO-1](how-it-works.md#why-acco-can-trail-zero-1)). A scheduler passed to `initialize`
-  (the HF Trainer's) is not inspected.
+  ([Why ACCO can trail ZeRO-1](how-it-works.md#why-acco-can-trail-zero-1)). It also warns when the scheduler holds
+  the peak LR after its warm-up (`WarmupLR`) or there is none: at a held peak LR ACCO's loss can level off above
+  ZeRO-1's late in a run, which a linear decay after the warm-up (`WarmupDecayLR`) removed in the measurements
+  ([Convergence](convergence.md#five-seeds-at-world-size-2-and-accos-own-twin); `WarmupCosineLR` decays too and is
+  not warned about, but was not measured). A scheduler passed to `initialize` (the HF Trainer's) is not inspected.
 - ACCO sets DeepSpeed's `timers.throughput.synchronized` to false: a device-wide synchronize per micro-batch
   would serialize the background round behind compute.
 """

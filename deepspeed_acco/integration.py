@@ -35,6 +35,7 @@ from deepspeed_acco.config import (
     AccoConfigError,
     check_deepspeed_config,
     check_raw_config,
+    constant_lr_advice,
     get_acco_config,
     warmup_advice,
 )
@@ -74,9 +75,10 @@ class AccoEngine(DeepSpeedEngine):
         super()._do_sanity_check()
         self._acco = get_acco_config(self._config._param_dict)
         check_deepspeed_config(self._config, self._acco, client_optimizer=self.client_optimizer)
-        advice = warmup_advice(self._config, self._acco, client_lr_scheduler=self.client_lr_scheduler)
-        if advice is not None:
-            log_dist(advice, ranks=[0], level=logging.WARNING)
+        for advise in (warmup_advice, constant_lr_advice):
+            advice = advise(self._config, self._acco, client_lr_scheduler=self.client_lr_scheduler)
+            if advice is not None:
+                log_dist(advice, ranks=[0], level=logging.WARNING)
         if self.mpu is not None:
             raise AccoConfigError("acco.enabled=true does not support model parallelism (an mpu was passed); "
                                   "drop mpu or set acco.enabled to false")

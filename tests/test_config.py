@@ -247,6 +247,28 @@ def test_warmup_advice_names_sync_steps(sync_steps: int, needle: str | None) -> 
         assert advice is not None and needle in advice, advice
 
 
+@pytest.mark.parametrize("ds_config,mode,client,needle", [
+    (_warmup(None), "acco", None, "no LR scheduler is configured, so the LR stays constant"),
+    (_warmup("WarmupLR", warmup_num_steps=200), "acco", None, "scheduler.type=WarmupLR holds the peak LR"),
+    (_warmup("WarmupDecayLR", warmup_num_steps=10, total_num_steps=100), "acco", None, None),
+    (_warmup("WarmupCosineLR", warmup_num_steps=10, total_num_steps=100), "acco", None, None),
+    (_warmup("OneCycle"), "acco", None, None),
+    (_warmup("WarmupLR", warmup_num_steps=200), "dpu", None, None),  # no estimate round
+    (_warmup("WarmupLR", warmup_num_steps=200), "acco", object(), None),  # the caller's scheduler is not inspected
+])
+def test_constant_lr_advice(ds_config: Any, mode: str, client: Any, needle: str | None) -> None:
+    """A run that holds its peak LR gets a warning that names the decaying schedulers; a decaying one gets none."""
+    from deepspeed_acco.config import constant_lr_advice
+
+    advice = constant_lr_advice(ds_config, AccoConfig(enabled=True, mode=mode, sync_steps=20),
+                                client_lr_scheduler=client)
+    if needle is None:
+        assert advice is None, advice
+    else:
+        assert advice is not None and needle in advice, advice
+        assert "WarmupDecayLR or WarmupCosineLR" in advice and "total_num_steps" in advice, advice
+
+
 def _initialize_logs(rank: int, world_size: int, configs: list[dict[str, Any]]) -> list[list[str]]:
     """In a spawned rank: initialize each config; return the warnings DeepSpeed's logger printed."""
     import deepspeed_acco
@@ -266,9 +288,16 @@ def _initialize_logs(rank: int, world_size: int, configs: list[dict[str, Any]]) 
 
 @pytest.mark.timeout(120)
 def test_initialize_warns_outside_the_regime() -> None:
-    """initialize logs the warm-up warning for a 10-step warm-up, and not for a 200-step one."""
+    """initialize logs the warm-up warning for a 10-step warm-up and not for a 200-step one, the constant-LR
+    warning for WarmupLR whatever its warm-up, and neither for a 200-step warm-up that then decays."""
     short = base_config(scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": 10}}, **ON)
     long = base_config(scheduler={"type": "WarmupLR", "params": {"warmup_num_steps": 200}}, **ON)
-    logs = run_distributed(_initialize_logs, 1, [short, long], timeout_s=100)[0]
+    decay = base_config(scheduler={"type": "WarmupDecayLR",
+                                   "params": {"warmup_num_steps": 200, "total_num_steps": 1000}}, **ON)
+    logs = run_distributed(_initialize_logs, 1, [short, long, decay], timeout_s=100)[0]
+    constant = "WarmupLR holds the peak LR"
     assert [m for m in logs[0] if "warmup_num_steps=10 reaches" in m], logs[0]
+    assert [m for m in logs[0] if constant in m], logs[0]
     assert not [m for m in logs[1] if "warmup_num_steps" in m], logs[1]
+    assert [m for m in logs[1] if constant in m], logs[1]
+    assert not [m for m in logs[2] if "ACCO: " in m], logs[2]
