@@ -279,6 +279,14 @@ def check_deepspeed_config(ds_config: Any, acco: AccoConfig, *, client_optimizer
         raise AccoConfigError("acco.enabled=true does not support compile.deepcompile; set it to false")
 
 
+def _judged_scheduler(ds_config: Any, acco: AccoConfig, client_lr_scheduler: Any) -> dict[str, Any] | None:
+    """The config's ``scheduler`` block ({} without one) for the LR-schedule advice, or None when it is not judged:
+    no estimate round (DPU), or a scheduler passed to ``initialize`` (the HF Trainer's)."""
+    if acco.mode != "acco" or client_lr_scheduler is not None:
+        return None
+    return (getattr(ds_config, "_param_dict", {}) or {}).get("scheduler") or {}
+
+
 def warmup_advice(ds_config: Any, acco: AccoConfig, *, client_lr_scheduler: Any = None) -> str | None:
     """Why this run may end behind ZeRO-1 and what to change, or None (logged as a warning at ``initialize``).
 
@@ -290,10 +298,9 @@ def warmup_advice(ds_config: Any, acco: AccoConfig, *, client_lr_scheduler: Any 
     warm-up schedulers (``WarmupLR``, ``WarmupDecayLR``, ``WarmupCosineLR``) and a config with no scheduler at all
     can be judged; a scheduler passed to ``initialize`` (the HF Trainer's) is not inspected.
     """
-    if acco.mode != "acco" or client_lr_scheduler is not None:
+    scheduler = _judged_scheduler(ds_config, acco, client_lr_scheduler)
+    if scheduler is None:
         return None
-    raw = getattr(ds_config, "_param_dict", {}) or {}
-    scheduler = raw.get("scheduler") or {}
     name = scheduler.get("type")
     if name is None:
         what = "no LR scheduler is configured, so the full LR applies from the first step"
@@ -327,10 +334,10 @@ def constant_lr_advice(ds_config: Any, acco: AccoConfig, *, client_lr_scheduler:
     Judged for DeepSpeed's ``WarmupLR`` (constant after its warm-up) and for a config without a scheduler; a
     scheduler passed to ``initialize`` (the HF Trainer's) is not inspected. Nothing is refused.
     """
-    if acco.mode != "acco" or client_lr_scheduler is not None:
+    scheduler = _judged_scheduler(ds_config, acco, client_lr_scheduler)
+    if scheduler is None:
         return None
-    raw = getattr(ds_config, "_param_dict", {}) or {}
-    name = (raw.get("scheduler") or {}).get("type")
+    name = scheduler.get("type")
     if name is None:
         what = "no LR scheduler is configured, so the LR stays constant"
     elif name == CONSTANT_AFTER_WARMUP:
