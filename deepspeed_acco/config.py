@@ -15,8 +15,9 @@ import difflib
 from typing import Any, Literal
 
 from deepspeed.runtime.config_utils import DeepSpeedConfigModel
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
+from deepspeed_acco.quantize import check_block_size
 from deepspeed_acco.split import split_micro_batches
 
 __all__ = [
@@ -133,8 +134,9 @@ class AccoConfig(DeepSpeedConfigModel):
     parameters. The commit is exact either way and no gradient is stale. Mode ``"acco"`` only (dpu has no
     estimate round)."""
 
-    compression_block_size: int = Field(256, ge=16, le=1 << 20)
-    """Elements per int8 block (one fp32 scale each, ``4 / block`` bytes per element of overhead)."""
+    compression_block_size: int = 256
+    """Elements per int8 block (one fp32 scale each, ``4 / block`` bytes per element of overhead): a power of two
+    from 16 to 65536, the blocks the fused quantization kernels take."""
 
     grad_accum_dtype: Literal["fp32", "bf16"] = "fp32"
     """Dtype of the flat buffers that accumulate micro-batch gradients. fp32 by default: long
@@ -149,6 +151,11 @@ class AccoConfig(DeepSpeedConfigModel):
     checked for DeepSpeed's Adam/AdamW/SGD/Adagrad/Lamb/Lion and torch's Adam/AdamW/SGD/Adagrad.
     Set this to run another optimizer, after checking that its whole state lives in
     ``optimizer.state`` and ``param_groups``."""
+
+    @field_validator("compression_block_size")
+    @classmethod
+    def _block_the_kernels_take(cls, block: int) -> int:
+        return check_block_size(block)
 
     @model_validator(mode="after")
     def _adaptive_needs_acco_mode(self) -> AccoConfig:

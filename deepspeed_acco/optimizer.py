@@ -45,9 +45,11 @@ from deepspeed_acco.pipeline import (
     RoundSpec,
     ShardedRound,
     rank_partition,
+    swap_contents,
 )
 from deepspeed_acco.pipeline_state import ACCO_STATE_KEY
 from deepspeed_acco.split import split_micro_batches
+from deepspeed_acco.topology import NodeLayout, node_layout
 
 __all__ = ["AccoNonFiniteGradients", "AccoZeroOptimizer", "ACCO_STATE_KEY"]
 
@@ -70,7 +72,8 @@ def _acco_process_group(ranks: list[int], timeout_s: float) -> Any:
     setup_s = max(timeout_s, _GROUP_SETUP_TIMEOUT_S)
     group = torch_dist.new_group(ranks=ranks, timeout=timedelta(seconds=setup_s))
     set_timeout = getattr(torch_dist.distributed_c10d, "_set_pg_timeout", None)
-    if set_timeout is not None and setup_s != timeout_s:
+    member = group not in (None, torch_dist.GroupMember.NON_GROUP_MEMBER)
+    if set_timeout is not None and setup_s != timeout_s and member:
         set_timeout(timedelta(seconds=timeout_s), group)
     return group
 
@@ -125,13 +128,17 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         shift = ESTIMATE_SHIFTS[acco_config.estimate] if self._mode == "acco" else ESTIMATE_SHIFTS["paper"]
         on_cuda = flats[0].is_cuda
         self._stream = torch.cuda.Stream(device=flats[0].device) if on_cuda else None
+        compression = acco_config.estimate_compression if self._mode == "acco" else "none"
+        layout = self._node_layout(ranks) if compression != "none" else None
         self._round = ShardedRound(
             base_optimizer=self.optimizer, master_shards=list(self.single_partition_of_fp32_groups),
             shadow_flats=shadows, group=self._acco_group, rank=self._rank, world_size=self._world,
             comm_dtype=self.communication_data_type, clip_grad=float(self.clip_grad),
-            compression=acco_config.estimate_compression if self._mode == "acco" else "none",
-            block=acco_config.compression_block_size, estimate_shift=shift,
-            stream=self._stream)
+            compression=compression, block=acco_config.compression_block_size, estimate_shift=shift,
+            stream=self._stream, layout=layout)
+        kernels = self._round.prepare_kernels(flats, acc_dtype)
+        if kernels:
+            (logger.info if self._round.quantizer.path == "compiled" else logger.warning)(kernels)
         for key in ("estimate_compression", "estimate", "estimate_fraction", "sync_steps"):
             if getattr(acco_config, key) != AccoConfig.model_fields[key].default and self._mode != "acco":
                 logger.warning(f"ACCO: acco.{key}={getattr(acco_config, key)!r} is ignored in "
@@ -167,6 +174,20 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         self._engine_micro_steps: int | None = None  # set by AccoEngine.save_checkpoint around its save
         self.loaded_acco_state = False
         self.loaded_engine_micro_steps: int | None = None
+
+    def _node_layout(self, ranks: list[int]) -> NodeLayout | None:
+        """Where ranks share a node, the compressed rounds go node-aware (``topology.py``); the groups it needs."""
+        def agree(g: int) -> tuple[int, int]:
+            values = torch.tensor([g, -g], dtype=torch.int64)
+            torch_dist.all_reduce(values, op=torch_dist.ReduceOp.MIN, group=self._acco_group)
+            return int(values[0]), -int(values[1])
+
+        def log(line: str) -> None:
+            if self._rank == 0:
+                logger.info(line)
+
+        return node_layout(ranks, self._rank, agree, lambda members: _acco_process_group(members, self._timeout_s),
+                           log)
 
     # ------------------------------------------------------------------ gradients
     def _param_offsets(self, i: int) -> dict[int, int]:
@@ -315,14 +336,16 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         record.compute_s += now - self._half_start
         loss_scale = float(self.loss_scale)
         finishing = self._in_flight.spec.kind if self._in_flight is not None else None
-        # Where this estimate half's gradients were computed (theta~_t), before theta_t is loaded over it.
-        estimate_at: list[torch.Tensor] = []
-        if kind is RoundKind.ESTIMATE and self._shift_estimate:
-            estimate_at = [rank_partition(flat, self._rank, self._world).to(torch.float32, copy=True)
-                           for flat in self.bit16_groups_flat]
-        if self._in_flight is not None:
+        loaded = self._in_flight is not None
+        if loaded:
             self._finish_round(self._wait_in_flight())
             self._raise_if_nonfinite_persists()
+        # Where this estimate half's gradients were computed (theta~_t): what the model held before the round
+        # that just finished was loaded, i.e. now the shadow flats (loading exchanges them), read by the worker.
+        estimate_at: list[torch.Tensor] = []
+        if kind is RoundKind.ESTIMATE and self._shift_estimate:
+            estimate_at = [rank_partition(flat, self._rank, self._world)
+                           for flat in (self._shadows if loaded else self.bit16_groups_flat)]
         grads = self._buffers[self._compute_buffer]
         if self._compress and kind is RoundKind.COMMIT and finishing is RoundKind.ESTIMATE:
             self._add_residual(grads, loss_scale)
@@ -378,9 +401,9 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
 
     def _finish_round(self, result: RoundResult, load: bool = True) -> None:
         """Account a finished round and load the parameters it produced."""
-        if load:
+        if load:  # the model's flats take the round's parameters; the shadows keep what the model held
             for live, shadow in zip(self.bit16_groups_flat, self._shadows):
-                live.copy_(shadow)
+                swap_contents(live, shadow)
         if self.dynamic_loss_scale:
             self.loss_scaler.update_scale(result.overflow)
         record = self.metrics.open(result.step)

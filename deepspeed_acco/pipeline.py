@@ -7,13 +7,15 @@ parameters the worker all-gathers into, ``P`` the live flat parameters the model
 
     training thread     | accumulate G~_t into A | accumulate G_t into B  | accumulate G~_t+1 into A
                         |     (reads P=theta_t)  | (reads P=theta_t)      | (reads P=theta~_t+1)
-    boundary            ^ wait C_t-1, P<-S,      ^ wait E_t, P<-S,        ^ wait C_t, P<-S, ...
+    boundary            ^ wait C_t-1, P<->S,     ^ wait E_t, P<->S,       ^ wait C_t, P<->S, ...
                           launch E_t(A)            launch C_t(B)
     worker thread       |    E_t: RS(A), step, rollback, AG->S | C_t: RS(B)+carried, step, AG->S |
 
 The training thread never touches a buffer while the worker owns it: it takes ``A`` back only
-after waiting for the round that read it, and copies ``S`` into ``P`` only after the round that
-wrote it has finished (on CUDA, after its completion event). The worker never touches ``P``.
+after waiting for the round that read it, and exchanges ``S`` and ``P`` (their memory, not their
+contents: ``swap_contents``) only after the round that wrote ``S`` has finished (on CUDA, after its
+completion event). After the exchange ``S`` holds what the model held, which the next estimate reads
+as theta~_t. The worker only reads ``P`` (a compressed estimate rebuilds theta~ from it).
 Because every rank launches the same sequence of rounds, the collectives on ACCO's process
 group come in the same order everywhere, even when the ranks' micro-batch counts differ
 (adaptive accumulation). The training thread issues no collective while a round is in flight.
@@ -35,9 +37,12 @@ from typing import Any
 
 import torch
 from deepspeed import comm as dist
+from deepspeed.utils import logger
 
-from deepspeed_acco.quantize import dequantize_rows, quantize_rows
-from deepspeed_acco.rollback import adam_estimate, restore_state, snapshot_state
+from deepspeed_acco.adam import FusedAdam
+from deepspeed_acco.quantize import Quantizer, scales_per_row
+from deepspeed_acco.rollback import restore_state, snapshot_state
+from deepspeed_acco.topology import NodeLayout
 
 __all__ = [
     "AccoRoundError",
@@ -50,6 +55,7 @@ __all__ = [
     "AccoCommWorker",
     "describe_round_error",
     "rank_partition",
+    "swap_contents",
 ]
 
 
@@ -69,6 +75,21 @@ def rank_partition(flat: torch.Tensor, rank: int, world_size: int) -> torch.Tens
     """``rank``'s ZeRO-1 partition of a padded flat buffer (a view; the part its fp32 master shard mirrors)."""
     size = flat.numel() // world_size
     return flat.narrow(0, rank * size, size)
+
+
+def swap_contents(a: torch.Tensor, b: torch.Tensor) -> None:
+    """Exchange the contents of two flats of the same size, and of every view of them (the model's parameters
+    view the live flat), without copying: their storages exchange their memory. Flats that share storage with
+    something else, or a torch without the exchange, swap by copying (same result)."""
+    sa, sb = a.untyped_storage(), b.untyped_storage()
+    whole = a.storage_offset() == 0 and b.storage_offset() == 0 and a.is_contiguous() and b.is_contiguous() \
+        and sa.nbytes() == sb.nbytes() == a.numel() * a.element_size() and a.dtype == b.dtype
+    if whole and hasattr(sa, "_swap_data_ptr_"):
+        sa._swap_data_ptr_(sb)
+        return
+    held = a.clone()
+    a.copy_(b)
+    b.copy_(held)
 
 
 def describe_round_error(err: BaseException) -> str:
@@ -118,8 +139,9 @@ class RoundSpec:
     """The live flat parameters theta_t at an estimate's launch (read, never written, by the worker): a
     compressed estimate rebuilds theta~ = theta_t + deQ(Q(update)) from them on every rank."""
     estimate_at: list[torch.Tensor] = field(default_factory=list)
-    """An estimate with ``acco.estimate="extrapolated"``: this rank's fp32 partition of each flat where the
-    estimate half's gradients were computed (theta~_t), copied before theta_t was loaded. Empty otherwise."""
+    """An estimate with ``acco.estimate="extrapolated"``: this rank's partition of each flat where the estimate
+    half's gradients were computed (theta~_t): views of the shadow flats, which hold what the model held before
+    the last round was loaded, read by the worker before its all-gather writes them. Empty otherwise."""
     loss_divisor: float = 1.0
     """What each micro-batch's loss was divided by before its backward (``gradient_accumulation_steps``
     as DeepSpeed's backward divides it; the step's micro-batch count for a caller that normalized a
@@ -212,12 +234,15 @@ class ShardedRound:
     It owns the fp32 master shards (views handed over by the ZeRO-1 optimizer), the base
     optimizer's state, the shadow flat parameters and the estimate's reduced gradient carried
     into the commit. The training thread must not touch any of them while a round is in flight.
+    Buffers a round fills (the reduced shards, the int8 payloads, the fused estimate's scratch) are
+    allocated once and reused, so a round touches no fresh memory.
     """
 
     def __init__(self, *, base_optimizer: torch.optim.Optimizer, master_shards: list[torch.Tensor],
                  shadow_flats: list[torch.Tensor], group: Any, rank: int, world_size: int,
                  comm_dtype: torch.dtype, clip_grad: float, compression: str = "none", block: int = 256,
-                 estimate_shift: tuple[float, float] = (1.0, 0.0), stream: Any = None) -> None:
+                 estimate_shift: tuple[float, float] = (1.0, 0.0), stream: Any = None,
+                 layout: NodeLayout | None = None) -> None:
         self.base_optimizer = base_optimizer
         self.master_shards = master_shards
         self.shadow_flats = shadow_flats
@@ -230,6 +255,12 @@ class ShardedRound:
         self.block = block
         self.estimate_shift = estimate_shift
         self.stream = stream
+        self.layout = layout if compression == "int8" else None
+        self.quantizer = Quantizer(block, warn=logger.warning) if compression == "int8" else None
+        self.fused = FusedAdam(base_optimizer, master_shards) if FusedAdam.supports(base_optimizer, master_shards) \
+            else None
+        self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
+        self._all_reduce_scatters = _is_gloo(group)
         self._carried: list[torch.Tensor] | None = None
         self._carried_count = 0
 
@@ -240,6 +271,41 @@ class ShardedRound:
 
     def _compressed(self, spec: RoundSpec) -> bool:
         return spec.kind is RoundKind.ESTIMATE and self.compression == "int8"
+
+    def _buffer(self, name: str, index: int, shape: tuple[int, ...], dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
+        """A buffer of this round kept between rounds (``name``, group ``index``): allocated on first use."""
+        key = (name, index)
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != shape or buf.dtype != dtype or buf.device != device:
+            buf = self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
+        return buf
+
+    def prepare_kernels(self, live_flats: list[torch.Tensor], accumulation_dtype: torch.dtype) -> str:
+        """Compile the int8 kernels for every shape the compressed rounds use (at ``initialize``, so no round
+        compiles); returns the log line that says which path runs ("" without compression)."""
+        if self.quantizer is None:
+            return ""
+        examples: list[tuple[str, tuple[Any, ...]]] = []
+        for flat in live_flats:
+            chunk = flat.numel() // self.world_size
+            blocks = scales_per_row(chunk, self.block)
+            dev = flat.device
+            rows = self.world_size if self.layout is None else self.layout.nodes
+            q = torch.zeros(rows, chunk, dtype=torch.int8, device=dev)
+            s = torch.ones(rows, blocks, device=dev)
+            gathered_q = torch.zeros(self.world_size, chunk, dtype=torch.int8, device=dev)
+            gathered_s = torch.ones(self.world_size, blocks, device=dev)
+            if self.layout is not None:  # the node-aware all-gather's [local, node] order, read as [node, local]
+                g, n = self.layout.per_node, self.layout.nodes
+                gathered_q = gathered_q.view(g, n, chunk).transpose(0, 1)
+                gathered_s = gathered_s.view(g, n, blocks).transpose(0, 1)
+            residual_of = torch.zeros(rows, chunk, dtype=accumulation_dtype if self.layout is None else torch.float32,
+                                      device=dev)
+            examples += [("quantize_residual_", (residual_of,)), ("dequantize_sum", (q, s)),
+                         ("quantize_update", (torch.zeros(chunk, device=dev), torch.zeros(chunk, device=dev))),
+                         ("rebuild_", (torch.empty_like(flat), flat, gathered_q, gathered_s))]
+        return self.quantizer.prepare(examples)
 
     def run(self, spec: RoundSpec) -> RoundResult:
         """Run one round; called on the worker thread."""
@@ -262,8 +328,6 @@ class ShardedRound:
             lr_factor = _lr_factor(spec, total, both_halves)
             with _timed(phase, phase_cpu, "step"):
                 stepped = self._step_shard(spec, sums, total, norm, overflow, lr_factor)
-                if spec.estimate_at and not overflow:
-                    stepped = self._shifted(stepped, spec.estimate_at)
             with _timed(phase, phase_cpu, "all_gather"):
                 if self._compressed(spec):
                     self._all_gather_quantized_update(spec, stepped)
@@ -278,49 +342,87 @@ class ShardedRound:
                            counts=counts, overflow=overflow, grad_norm=norm, bytes_sent=self._bytes,
                            done_event=done_event, lr_factor=lr_factor)
 
-    def _ring_bytes(self, numel: int, element_size: int) -> int:
-        """Bytes this rank sends for a reduce-scatter or an all-gather of ``numel`` elements (ring algorithm)."""
-        return (self.world_size - 1) * numel * element_size // self.world_size
+    def _ring_bytes(self, numel: int, element_size: int, peers: int | None = None) -> int:
+        """Bytes this rank sends for a reduce-scatter or an all-gather of ``numel`` elements among ``peers`` ranks
+        (ring algorithm; default: the whole group)."""
+        peers = peers or self.world_size
+        return (peers - 1) * numel * element_size // peers
+
+    def _reduce_scatter(self, out: torch.Tensor, send: torch.Tensor, group: Any, peers: int, index: int) -> None:
+        """``out`` = chunk ``index`` of the sum of ``send`` over the ``peers`` ranks of ``group``; ``send`` may be
+        overwritten. On gloo an in-place all-reduce and a copy: gloo's reduce-scatter moves an all-reduce's bytes
+        anyway, and spends about 15 ms of the calling thread's CPU per 26 MB on copies where the all-reduce spends
+        0.2 ms (docs/performance.md, "Where a round's CPU goes")."""
+        if self._all_reduce_scatters:
+            dist.all_reduce(send, op=dist.ReduceOp.SUM, group=group)
+            out.copy_(send.view(peers, -1)[index].view(out.shape))
+            self._bytes += 2 * self._ring_bytes(send.numel(), send.element_size(), peers)
+        else:
+            dist.reduce_scatter_tensor(out, send, op=dist.ReduceOp.SUM, group=group)
+            self._bytes += self._ring_bytes(send.numel(), send.element_size(), peers)
 
     def _reduce_scatter_grads(self, spec: RoundSpec) -> list[torch.Tensor]:
-        """Reduce-scatter each group's flat gradients; return this rank's unscaled gradient sums."""
+        """Reduce-scatter each group's flat gradients; return this rank's unscaled gradient sums (the buffers in
+        ``spec.grads`` are the round's to overwrite: the training thread zeroes a buffer when it takes it back)."""
         sums = []
         for i, flat in enumerate(spec.grads):
             send = flat if flat.dtype == self.comm_dtype else flat.to(self.comm_dtype)
-            shard = torch.empty(flat.numel() // self.world_size, dtype=self.comm_dtype, device=flat.device)
-            dist.reduce_scatter_tensor(shard, send, op=dist.ReduceOp.SUM, group=self.group)
-            self._bytes += self._ring_bytes(flat.numel(), shard.element_size())
+            shard = self._buffer(spec.kind.value, i, (flat.numel() // self.world_size,), self.comm_dtype, flat.device)
+            self._reduce_scatter(shard, send, self.group, self.world_size, self.rank)
             # Undo the loss scale: a sum of per-micro-batch gradients, each still divided by spec.loss_divisor.
-            summed = shard.to(torch.float32).mul_(1.0 / spec.loss_scale)
+            summed = shard.float()
+            if spec.loss_scale != 1.0:
+                summed.mul_(1.0 / spec.loss_scale)
             if spec.kind is RoundKind.COMMIT and self._carried is not None:
                 summed.add_(self._carried[i])
             sums.append(summed)
         return sums
 
-    def _exchange(self, q: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """All-to-all: row ``j`` of ``q`` (int8) and of its scales to rank ``j``; returns what this rank received."""
-        recv_q, recv_s = torch.empty_like(q), torch.empty_like(scales)
-        dist.all_to_all_single(recv_q, q, group=self.group)
-        dist.all_to_all_single(recv_s, scales, group=self.group)
+    def _exchange(self, index: int, q: torch.Tensor, scales: torch.Tensor, group: Any,
+                  peers: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """All-to-all among ``peers`` ranks of ``group``: row ``j`` of ``q`` (int8) and of its scales to peer ``j``;
+        returns what this rank received, in the same layout (buffers of parameter group ``index``)."""
+        recv_q = self._buffer("recv_q", index, tuple(q.shape), q.dtype, q.device)
+        recv_s = self._buffer("recv_s", index, tuple(scales.shape), scales.dtype, scales.device)
+        dist.all_to_all_single(recv_q, q, group=group)
+        dist.all_to_all_single(recv_s, scales, group=group)
         sent = q.numel() * q.element_size() + scales.numel() * scales.element_size()
-        self._bytes += (self.world_size - 1) * sent // self.world_size
+        self._bytes += (peers - 1) * sent // peers
         return recv_q, recv_s
 
     def _reduce_scatter_quantized(self, spec: RoundSpec) -> list[torch.Tensor]:
-        """The compressed estimate's reduce-scatter: quantize each rank's chunk, all-to-all, sum in fp32.
+        """The compressed estimate's reduce-scatter: quantize, all-to-all, the owner sums in fp32.
 
-        Every rank's chunk ``j`` of its own accumulated gradients goes, quantized, to rank ``j``,
-        which sums the dequantized chunks in fp32 (int8 sums would wrap). What the quantization
-        lost stays in the buffer (the buffer becomes the residual ``G~ - deQ(Q(G~))``); the training
-        thread adds it to the commit half's gradients, so the commit sums exactly what was computed.
+        Flat: every rank's chunk ``j`` of its own accumulated gradients goes, quantized, to rank ``j``,
+        which sums the dequantized chunks in fp32 (int8 sums would wrap). Node-aware (``layout``): the node's
+        ranks first reduce-scatter at full precision, so that local rank ``l`` holds the node's sum of the chunks
+        of local index ``l`` on every node; it quantizes those and exchanges them with the ranks of local index
+        ``l`` on the other nodes. What the quantization lost stays in the buffer (flat: ``G~ - deQ(Q(G~))``;
+        node-aware: the node sum's residual at this rank's slice, zero elsewhere); the training thread adds it
+        to the commit half's gradients, so the commit sums exactly what was computed.
         """
+        assert self.quantizer is not None, "a compressed round has a quantizer"
+        layout = self.layout
         sums = []
-        for flat in spec.grads:
-            rows = flat.view(self.world_size, -1)
-            q, scales = quantize_rows(rows.float(), self.block)
-            recv_q, recv_s = self._exchange(q, scales)
-            sums.append(dequantize_rows(recv_q, recv_s, self.block).sum(dim=0).mul_(1.0 / spec.loss_scale))
-            rows.sub_(dequantize_rows(q, scales, self.block).to(flat.dtype))
+        for i, flat in enumerate(spec.grads):
+            if layout is None:
+                q, scales = self.quantizer.quantize_residual_(flat.view(self.world_size, -1))
+                recv_q, recv_s = self._exchange(i, q, scales, self.group, self.world_size)
+            else:
+                nodes, per_node = layout.nodes, layout.per_node
+                chunk = flat.numel() // self.world_size
+                by_local = self._buffer("by_local", i, (per_node, nodes, chunk), torch.float32, flat.device)
+                by_local.copy_(flat.view(nodes, per_node, chunk).transpose(0, 1))
+                node_sum = self._buffer("node_sum", i, (nodes, chunk), torch.float32, flat.device)
+                self._reduce_scatter(node_sum, by_local.view(-1), layout.intra_group, per_node, layout.local)
+                q, scales = self.quantizer.quantize_residual_(node_sum)
+                recv_q, recv_s = self._exchange(i, q, scales, layout.inter_group, nodes)
+                flat.zero_()
+                flat.view(nodes, per_node, chunk)[:, layout.local].copy_(node_sum)
+            summed = self.quantizer.dequantize_sum(recv_q, recv_s)
+            if spec.loss_scale != 1.0:
+                summed.mul_(1.0 / spec.loss_scale)
+            sums.append(summed)
         return sums
 
     def _all_reduce_counts_and_norm(self, spec: RoundSpec, sums: list[torch.Tensor]) -> tuple[list[int], int, float]:
@@ -344,25 +446,28 @@ class ShardedRound:
 
     def _step_shard(self, spec: RoundSpec, sums: list[torch.Tensor], total: int, norm: float,
                     overflow: bool, lr_factor: float = 1.0) -> list[torch.Tensor]:
-        """Step the master shards with the averaged gradient; return the stepped fp32 shards.
+        """Step the master shards with the averaged gradient; return the stepped fp32 shards (only to be read).
 
-        A commit steps the shards and the optimizer state for good. An estimate leaves no trace:
-        for torch's Adam/AdamW the step is computed out of place from the state (``adam_estimate``);
-        for other optimizers the shards and their state are snapshotted, stepped and restored.
+        A commit steps the shards and the optimizer state for good. An estimate leaves no trace, and with
+        ``acco.estimate="extrapolated"`` (``spec.estimate_at``) is shifted from theta_t. torch's Adam/AdamW run
+        one fused kernel each (``adam.FusedAdam``; a commit consumes ``sums``); other optimizers step through
+        ``optimizer.step()``, an estimate between a snapshot of the shards and their state and its restore.
         """
         if overflow:
             # Every rank saw the same non-finite norm: skip the step (an estimate then yields theta).
-            return [shard.detach().clone() for shard in self.master_shards]
+            return [shard.detach() for shard in self.master_shards]
         scale = spec.loss_divisor / total
         if self.clip_grad > 0 and (norm + 1e-6) / self.clip_grad > 1:
             scale *= self.clip_grad / (norm + 1e-6)
-        grads = [(summed * scale).to(shard.dtype) for shard, summed in zip(self.master_shards, sums)]
         hyperparams = spec.hyperparams if lr_factor == 1.0 else \
             [dict(hp, lr=hp["lr"] * lr_factor) if "lr" in hp else hp for hp in spec.hyperparams]
-        if spec.kind is RoundKind.ESTIMATE:
-            estimate = adam_estimate(self.base_optimizer, self.master_shards, grads, hyperparams)
-            if estimate is not None:
-                return estimate
+        stretch, carry = self.estimate_shift if spec.estimate_at else (1.0, 0.0)
+        if self.fused is not None:
+            if spec.kind is RoundKind.ESTIMATE:
+                return self.fused.estimate(sums, scale, hyperparams, stretch, carry, spec.estimate_at or None)
+            self.fused.commit(sums, scale, hyperparams)
+            return [shard.detach() for shard in self.master_shards]
+        grads = [(summed * scale).to(shard.dtype) for shard, summed in zip(self.master_shards, sums)]
         saved = snapshot_state(self.base_optimizer, self.master_shards) if spec.kind is RoundKind.ESTIMATE else None
         for shard, grad in zip(self.master_shards, grads):
             shard.grad = grad
@@ -373,14 +478,10 @@ class ShardedRound:
             stepped.append(shard.detach().clone() if saved is not None else shard.detach())
         if saved is not None:
             restore_state(self.base_optimizer, self.master_shards, saved)
+            if spec.estimate_at:  # theta_t + s (Opt(theta_t, G~_t) - theta_t) + k (theta~_t - theta_t)
+                stepped = [master + stretch * (shard - master) + carry * (at - master)
+                           for shard, at, master in zip(stepped, spec.estimate_at, self.master_shards)]
         return stepped
-
-    def _shifted(self, stepped: list[torch.Tensor], estimate_at: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The extrapolated estimate: theta_t + s (Opt(theta_t, G~_t) - theta_t) + k (theta~_t - theta_t), shard-wise
-        (``acco.estimate``; the master shards still hold theta_t)."""
-        scale, carry = self.estimate_shift
-        return [master + scale * (shard - master) + carry * (at - master)
-                for shard, at, master in zip(stepped, estimate_at, self.master_shards)]
 
     def _all_gather_params(self, stepped: list[torch.Tensor]) -> None:
         for flat, shard in zip(self.shadow_flats, stepped):
@@ -392,20 +493,47 @@ class ShardedRound:
     def _all_gather_quantized_update(self, spec: RoundSpec, stepped: list[torch.Tensor]) -> None:
         """The compressed estimate's all-gather: every rank rebuilds theta~ = theta_t + deQ(Q(theta~ - theta_t)).
 
-        Each rank quantizes the update of its fp32 master shard (small, it quantizes well), the
-        int8 updates and their scales are all-gathered, and every rank adds them to its own copy of
-        theta_t (the live flat parameters, identical on every rank), in fp32, then casts.
+        Each rank quantizes the update of its fp32 master shard (small, it quantizes well); the int8 updates
+        and their scales are all-gathered (node-aware: among the ranks of this local index across the nodes,
+        then inside the node), and every rank adds them to its own copy of theta_t (the live flat parameters,
+        identical on every rank), in fp32, then casts.
         """
-        for flat, base, shard, master in zip(self.shadow_flats, spec.base_flats, stepped, self.master_shards):
-            q, scales = quantize_rows((shard - master).view(1, -1), self.block)
-            all_q = torch.empty(self.world_size * q.numel(), dtype=q.dtype, device=q.device)
-            all_s = torch.empty(self.world_size * scales.numel(), dtype=scales.dtype, device=scales.device)
-            dist.all_gather_into_tensor(all_q, q.view(-1), group=self.group)
-            dist.all_gather_into_tensor(all_s, scales.view(-1), group=self.group)
-            self._bytes += self._ring_bytes(all_q.numel(), 1) + self._ring_bytes(all_s.numel(), 4)
-            update = dequantize_rows(all_q.view(self.world_size, -1), all_s.view(self.world_size, -1),
-                                     self.block).reshape(-1)
-            flat.copy_(base.to(torch.float32) + update)  # out of place: base is the live model
+        assert self.quantizer is not None, "a compressed round has a quantizer"
+        layout = self.layout
+        for i, (flat, base, shard, master) in enumerate(zip(self.shadow_flats, spec.base_flats, stepped,
+                                                            self.master_shards)):
+            q, scales = self.quantizer.quantize_update(shard.detach(), master.detach())
+            chunk, blocks = q.shape[1], scales.shape[1]
+            all_q = self._buffer("gather_q", i, (self.world_size, chunk), torch.int8, q.device)
+            all_s = self._buffer("gather_s", i, (self.world_size, blocks), scales.dtype, q.device)
+            if layout is None:
+                dist.all_gather_into_tensor(all_q, q, group=self.group)
+                dist.all_gather_into_tensor(all_s, scales, group=self.group)
+                self._bytes += self._ring_bytes(all_q.numel(), 1) + self._ring_bytes(all_s.numel(), 4)
+            else:
+                nodes, per_node = layout.nodes, layout.per_node
+                inter_q = self._buffer("inter_q", i, (nodes, chunk), torch.int8, q.device)
+                inter_s = self._buffer("inter_s", i, (nodes, blocks), scales.dtype, q.device)
+                dist.all_gather_into_tensor(inter_q, q, group=layout.inter_group)
+                dist.all_gather_into_tensor(inter_s, scales, group=layout.inter_group)
+                dist.all_gather_into_tensor(all_q, inter_q, group=layout.intra_group)
+                dist.all_gather_into_tensor(all_s, inter_s, group=layout.intra_group)
+                for part, inter in ((all_q, inter_q), (all_s, inter_s)):
+                    size = part.element_size()
+                    self._bytes += self._ring_bytes(inter.numel(), size, nodes) + \
+                        self._ring_bytes(part.numel(), size, per_node)
+                # Gathered as [local index, node]; the flat's chunks are ordered [node, local index].
+                all_q = all_q.view(per_node, nodes, chunk).transpose(0, 1)
+                all_s = all_s.view(per_node, nodes, blocks).transpose(0, 1)
+            self.quantizer.rebuild_(flat, base, all_q, all_s)  # out of place: base is the live model
+
+
+def _is_gloo(group: Any) -> bool:
+    """Whether ``group``'s collectives run on gloo (CPU tensors)."""
+    try:
+        return torch.distributed.get_backend(group) == "gloo"
+    except (RuntimeError, ValueError, AttributeError):
+        return False
 
 
 def _step_with_hyperparams(optimizer: torch.optim.Optimizer, hyperparams: list[dict[str, Any]]) -> None:

@@ -47,7 +47,7 @@ from pathlib import Path
 from deepspeed_acco.split import split_micro_batches
 
 __all__ = ["METHODS", "Cluster", "Timing", "Prediction", "half_step_s", "step_time_s", "timing_from_cluster",
-           "int8_estimate_fraction", "predict", "recommend", "main"]
+           "int8_estimate_fraction", "quantize_s", "predict", "recommend", "main"]
 
 METHODS = ("zero1", "acco", "acco_int8", "acco_adaptive", "dpu")
 LABELS = {"zero1": "ZeRO-1", "acco": "ACCO", "acco_int8": "ACCO, int8 estimate", "acco_adaptive": "ACCO, adaptive",
@@ -79,6 +79,9 @@ class Cluster:
     """Share of the link's rate the collectives reach."""
     compression_block_size: int = 256
     """``acco.compression_block_size``: one fp32 scale per block of int8 values."""
+    quantize_gbs: float = 400.0
+    """fp32 GB of parameters per second the fused int8 kernels get through (``quantize_s``): 400 assumes a GPU's
+    memory bandwidth over five passes; the CPU bed measures about 1.5 on one core."""
 
 
 @dataclass(frozen=True)
@@ -174,17 +177,36 @@ def int8_estimate_fraction(world_size: int, ranks_per_node: int, comm_bytes: int
     """Bytes through a node's link of the int8 estimate round over those of a full-precision round.
 
     Full round: a ring reduce-scatter and a ring all-gather, ``(W-1)/W`` of the buffer each through a
-    node's link. Int8 round: the reduce-scatter becomes an all-to-all (every rank sends each other rank
-    its chunk, so a node's link carries ``g (W-g) / W`` of the buffer for its ``g`` ranks), the all-gather
-    a ring of int8 values; both with one fp32 scale per block.
+    node's link. Int8 round, with one fp32 scale per block of int8 values:
+
+    - nodes of ``g > 1`` ranks (``W`` a multiple of ``g``): the node-aware round (``topology.py``) reduces inside
+      the node at full precision, then exchanges int8 between the ``N = W / g`` nodes: ``(N-1)/N`` of the
+      buffer for the all-to-all and ``(N-1)/N`` for the all-gather, whatever ``g``;
+    - one rank per node, or nodes of unequal size: the flat round, an all-to-all in which a node's link
+      carries ``g (W-g) / W`` of the buffer for its ``g`` ranks, and a ring all-gather.
     """
     w, g = world_size, min(ranks_per_node, world_size)
     if w <= 1:
         return 1.0
     per_value = 1.0 + 4.0 / block
     full = 2 * (w - 1) / w * comm_bytes
-    int8 = (g * (w - g) / w + (w - 1) / w) * per_value
+    if g > 1 and w % g == 0 and w > g:
+        nodes = w // g
+        int8 = 2 * (nodes - 1) / nodes * per_value
+    else:
+        int8 = (g * (w - g) / w + (w - 1) / w) * per_value
     return int8 / full
+
+
+def quantize_s(params: float, quantize_gbs: float) -> float:
+    """Seconds one rank's fused int8 kernels add to a compressed round: a step's fp32 values over their rate.
+
+    The kernels quantize the rank's whole buffer (the residual written back), sum what it receives, quantize its
+    shard's update and rebuild the whole flat, each memory-bound: about five passes over ``4 x params`` bytes.
+    ``quantize_gbs`` is that rate in fp32 GB of parameters per second (``benchmarks/round_profile.py`` measures
+    it: about 1.5 on one core of the CPU bed; a GPU's kernels run at hundreds).
+    """
+    return 4.0 * params / (quantize_gbs * 1e9) if quantize_gbs > 0 else 0.0
 
 
 def timing_from_cluster(cluster: Cluster, micro_batches: int = 8) -> Timing:
@@ -197,7 +219,8 @@ def timing_from_cluster(cluster: Cluster, micro_batches: int = 8) -> Timing:
     else:
         round_s = 2 * (w - 1) / w * cluster.params * cluster.comm_bytes / link_bytes_s
     fraction = int8_estimate_fraction(w, cluster.ranks_per_node, cluster.comm_bytes, cluster.compression_block_size)
-    return Timing(compute, round_s, round_s * fraction, micro_batches)
+    estimate_s = round_s * fraction + (quantize_s(cluster.params, cluster.quantize_gbs) if round_s else 0.0)
+    return Timing(compute, round_s, estimate_s, micro_batches)
 
 
 def predict(timing: Timing) -> list[Prediction]:
@@ -324,6 +347,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="acco.estimate_fraction: the estimate half's share of a step (default 0.75; 0.5: equal halves)")
     p.add_argument("--comm_bytes", type=int, default=2, choices=(2, 4), help="bytes per value sent (default 2)")
     p.add_argument("--link_efficiency", type=float, default=0.8, help="share of the link reached (default 0.8)")
+    p.add_argument("--quantize_gbs", type=float, default=400.0,
+                   help="fp32 GB of parameters per second of the fused int8 kernels (default 400, a GPU; the CPU "
+                   "bed: about 1.5); with --params it adds to the int8 estimate round")
     p.add_argument("--compute_s", type=float, help="measured C: compute per step, seconds")
     p.add_argument("--round_s", type=float, help="measured M: one full-precision round, seconds")
     p.add_argument("--estimate_round_s", type=float, help="measured int8 estimate round (default: M scaled by bytes)")
@@ -367,12 +393,13 @@ def main(argv: list[str] | None = None) -> int:
         est = a.estimate_round_s
         if est is None:
             est = a.round_s * int8_estimate_fraction(a.world_size, a.ranks_per_node, a.comm_bytes)
+            est += quantize_s(a.params, a.quantize_gbs) if a.params else 0.0
         timing = Timing(a.compute_s, a.round_s, est, a.ga, estimate_fraction=a.estimate_fraction)
         header = [f"measured: C {a.compute_s:g} s, M {a.round_s:g} s; {a.world_size} ranks, "
                   f"{a.tokens_per_rank_per_step:,} tokens per rank per step"]
     else:
         cluster = Cluster(a.params, a.world_size, a.ranks_per_node, a.link_gbit, a.tokens_per_rank_per_step, a.flops,
-                          a.comm_bytes, a.link_efficiency)
+                          a.comm_bytes, a.link_efficiency, quantize_gbs=a.quantize_gbs)
         timing = dataclasses.replace(timing_from_cluster(cluster, a.ga), estimate_fraction=a.estimate_fraction)
         nodes = math.ceil(a.world_size / a.ranks_per_node)
         header = [f"estimated: {a.params:.3g} parameters, {a.world_size} ranks ({nodes} nodes x {a.ranks_per_node}), "

@@ -1,11 +1,10 @@
-"""A tentative (estimate) optimizer step on this rank's shard that leaves no trace.
+"""A tentative (estimate) optimizer step on this rank's shard that leaves no trace, for any optimizer.
 
 An estimate round computes the step from theta_t, publishes the result, and must leave the
 master weights, every state tensor (moments, step counts) and every scalar as they were, state
-created by the step (a first step) included. For torch's Adam and AdamW, ``adam_estimate``
-computes the step out of place from the state, with the same operations as torch's
-single-tensor implementation, and writes nothing. For any other optimizer the shards and
-their state are snapshotted, stepped in place and restored (``snapshot_state``/``restore_state``).
+created by the step (a first step) included. torch's Adam and AdamW compute it out of place in one
+fused kernel (``adam.py``); any other optimizer is stepped in place between a snapshot of the shards
+and their state and its restore (``snapshot_state``/``restore_state``).
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ShardSnapshot", "adam_estimate", "snapshot_state", "restore_state"]
+__all__ = ["ShardSnapshot", "snapshot_state", "restore_state"]
 
 
 @dataclass
@@ -56,42 +55,3 @@ def restore_state(optimizer: torch.optim.Optimizer, shards: list[torch.Tensor], 
                 current.copy_(value)  # in place: optimizers may hold references to their state tensors
             else:
                 state[key] = value
-
-
-def _plain_adam(optimizer: torch.optim.Optimizer) -> bool:
-    """torch's Adam/AdamW with the options ``adam_estimate`` reproduces (no amsgrad, maximize, capturable...)."""
-    if type(optimizer) not in (torch.optim.Adam, torch.optim.AdamW):
-        return False
-    return all(not group.get(flag, False) for group in optimizer.param_groups
-               for flag in ("amsgrad", "maximize", "capturable", "differentiable"))
-
-
-def adam_estimate(optimizer: torch.optim.Optimizer, shards: list[torch.Tensor], grads: list[torch.Tensor],
-                  hyperparams: list[dict[str, Any]]) -> list[torch.Tensor] | None:
-    """The shards after one Adam/AdamW step with ``grads``, computed out of place; None for other optimizers.
-
-    Follows ``torch.optim.adam._single_tensor_adam`` (not capturable) operation by operation, so the
-    result equals stepping, reading and rolling back, bit for bit; the state is only read.
-    """
-    if not _plain_adam(optimizer):
-        return None
-    out = []
-    for shard, grad, group in zip(shards, grads, hyperparams):
-        lr, (beta1, beta2), eps, wd = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        state = optimizer.state.get(shard) or {}
-        step = float(state["step"]) + 1 if "step" in state else 1.0
-        exp_avg = state.get("exp_avg", torch.zeros_like(shard))
-        exp_avg_sq = state.get("exp_avg_sq", torch.zeros_like(shard))
-        decoupled = group.get("decoupled_weight_decay", type(optimizer) is torch.optim.AdamW)
-        if wd != 0 and decoupled:
-            param = shard.detach().mul(1 - lr * wd)
-        else:
-            if wd != 0:
-                grad = grad.add(shard.detach(), alpha=wd)
-            param = shard.detach().clone()
-        exp_avg = torch.lerp(exp_avg, grad, 1 - beta1)
-        exp_avg_sq = exp_avg_sq.mul(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step_size = lr / (1 - beta1 ** step)
-        denom = (exp_avg_sq.sqrt() / (1 - beta2 ** step) ** 0.5).add_(eps)
-        out.append(param.addcdiv_(exp_avg, denom, value=-step_size))
-    return out

@@ -365,6 +365,7 @@ def reference_train(
     initial_state: dict[str, Any] | None = None,
     estimate_compression: Literal["none", "int8"] = "none",
     block: int = 256,
+    ranks_per_node: int = 1,
     lr_scaling: Literal["none", "sqrt"] = "none",
     lr_factors: list[float] | None = None,
     estimate_shift: tuple[float, float] = (1.0, 0.0),
@@ -408,6 +409,11 @@ def reference_train(
             chunks, each rank's quantization residual joins its commit-half gradients, and
             theta~ = theta_t + deQ(Q(Opt(theta_t, S~) - theta_t)) per chunk. One parameter group.
         block: elements per quantization block.
+        ranks_per_node: ``g``; with ``estimate_compression="int8"`` and ``g > 1`` the node-aware round
+            (acco-algorithm.md, "Node-aware compressed rounds"): ranks ``n g .. n g + g - 1`` form node ``n``;
+            each node's estimate gradients are summed exactly, that node sum is what is quantized chunk by
+            chunk (blocks counted from each chunk's start, as in the flat round), and each node's residual
+            (node sum minus its quantized value) joins the commit. The update's quantization is unchanged.
         lr_scaling: ``"sqrt"`` (acco, adaptive accumulation): a round of ``c`` micro-batches over
             all ranks, summing ``h`` halves of a step (2 for a commit with its estimate half, else 1),
             runs at ``lr(t) * sqrt(c / (N * n))``, ``n`` the nominal micro-batches per rank of the halves it
@@ -447,6 +453,8 @@ def reference_train(
             raise ValueError("estimate_micro_batches must be in 1 .. gradient_accumulation_steps - 1")
     if sync_steps and mode != "acco":
         raise ValueError("sync_steps applies to acco only")
+    if ranks_per_node < 1 or num_ranks % ranks_per_node:
+        raise ValueError(f"ranks_per_node={ranks_per_node} must divide the {num_ranks} ranks into equal nodes")
     if step_rounds is None and sync_steps == 0:
         _check_counts(counts, rounds_per_step(mode) * num_steps, num_ranks)
 
@@ -485,6 +493,8 @@ def reference_train(
         compressed = mode == "acco" and len(rounds) == 2 and estimate_compression == "int8"
         if compressed:
             per_rank = [_padded(x, num_ranks) for x in sim.accumulate_each(compute_at, rounds[0])]
+            if ranks_per_node > 1:  # what is quantized is each node's exact sum
+                per_rank = [sum(per_rank[n:n + ranks_per_node]) for n in range(0, num_ranks, ranks_per_node)]
             quantized = [_chunkwise(x, num_ranks, block) for x in per_rank]
             residual = sum(x - q for x, q in zip(per_rank, quantized, strict=True))
             first_sums, first_count = sim.unflatten(sum(quantized)), sum(rounds[0])

@@ -9,6 +9,10 @@ environment or, when those variables are absent (mpirun), from MPI through
 
     python3 tests/mn_train.py --out /tmp/params_{rank}.pt [--steps 3] [--ga 4] [--port 29500]
 
+``--method zero1`` trains plain ZeRO-1, ``--compression int8`` compresses ACCO's estimate round (node-aware where
+the launcher puts several ranks on a host), ``--hidden`` widens the model, and ``--iface eth0`` has each host's
+first rank count the bytes that host sent during training (its ``/proc/net/dev`` counter, between barriers).
+
 On success each rank prints ``[rank R/W] host=<hostname> ... done`` as its last line. DeepSpeed's runner exits 0
 when a child is killed by a signal, so callers check these lines, not only the exit code.
 """
@@ -29,7 +33,7 @@ import torch  # noqa: E402
 from deepspeed import comm as dist  # noqa: E402
 
 import deepspeed_acco  # noqa: E402
-from tests.workers import WithLoss, base_config, make_batches, make_model  # noqa: E402
+from tests.workers import HIDDEN, WithLoss, base_config, make_batches, make_model  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -42,8 +46,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=29500, help="rendezvous port when discovered through MPI")
     parser.add_argument("--timeout", type=float, default=120.0, help="process-group and ACCO round timeout (s)")
+    parser.add_argument("--method", choices=("acco", "zero1"), default="acco")
+    parser.add_argument("--compression", choices=("none", "int8"), default="none", help="acco.estimate_compression")
+    parser.add_argument("--block", type=int, default=256, help="acco.compression_block_size")
+    parser.add_argument("--hidden", type=int, default=HIDDEN, help="the MLP's width (about 13 x this parameters)")
+    parser.add_argument("--iface", default="", help="count this host's bytes sent on it while training (first rank "
+                        "of each host)")
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the DeepSpeed launcher (unused)")
     return parser.parse_args(argv)
+
+
+def _tx_bytes(iface: str) -> int:
+    """Bytes this host (network namespace) has sent on ``iface`` so far."""
+    for line in Path("/proc/net/dev").read_text().splitlines()[2:]:
+        name, _, data = line.partition(":")
+        if name.strip() == iface:
+            return int(data.split()[8])
+    raise RuntimeError(f"no interface {iface!r} in /proc/net/dev")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,11 +73,16 @@ def main(argv: list[str] | None = None) -> int:
     deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=True, distributed_port=args.port,
                                timeout=timedelta(seconds=args.timeout))
     rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = base_config(args.ga, args.lr, acco={"enabled": True, "round_timeout_s": args.timeout})
-    model = make_model(args.seed)
+    acco = {"enabled": args.method == "acco", "round_timeout_s": args.timeout,
+            "estimate_compression": args.compression, "compression_block_size": args.block}
+    cfg = base_config(args.ga, args.lr, acco=acco)
+    model = make_model(args.seed, args.hidden)
     module = WithLoss(model)
     engine, _, _, _ = deepspeed_acco.initialize(model=module, model_parameters=module.parameters(), config=cfg)
     data = make_batches(args.seed, world, args.steps * args.ga * 6 + 8)[rank]
+    counts_bytes = bool(args.iface) and int(os.environ.get("LOCAL_RANK", "0")) == 0
+    dist.barrier()
+    sent = _tx_bytes(args.iface) if counts_bytes else 0
     i = 0
     while engine.global_steps < args.steps:
         x, y = data[i]
@@ -67,11 +91,17 @@ def main(argv: list[str] | None = None) -> int:
         engine.backward(loss)
         engine.step()
     deepspeed_acco.flush(engine)
+    dist.barrier()
+    sent = _tx_bytes(args.iface) - sent if counts_bytes else None
+    sharded = getattr(engine.optimizer, "_round", None)
+    layout = getattr(sharded, "layout", None)
     out = Path(args.out.format(rank=rank))
     hostname = socket.gethostname()
     torch.save({"rank": rank, "world_size": world, "hostname": hostname, "master_addr": os.environ.get("MASTER_ADDR"),
                 "global_steps": engine.global_steps, "micro_batches": i,
-                "params": [p.detach().float().clone() for p in model.parameters()]}, out)
+                "params": [p.detach().float().clone() for p in model.parameters()], "host_tx_bytes": sent,
+                "layout": (layout.nodes, layout.per_node) if layout is not None else None,
+                "n_params": sum(p.numel() for p in model.parameters())}, out)
     steps = engine.global_steps
     engine.destroy()
     dist.barrier()

@@ -9,6 +9,7 @@ Run: ``python3 -m pytest -q tests/test_plan.py``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -17,7 +18,17 @@ from pathlib import Path
 import pytest
 
 from benchmarks.plan_check import check
-from deepspeed_acco.plan import Timing, int8_estimate_fraction, predict, recommend, step_time_s, table
+from deepspeed_acco.plan import (
+    Cluster,
+    Timing,
+    int8_estimate_fraction,
+    predict,
+    quantize_s,
+    recommend,
+    step_time_s,
+    table,
+    timing_from_cluster,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -66,11 +77,25 @@ def test_slow_ranks_set_the_pace_except_under_adaptive_accumulation() -> None:
 
 
 def test_int8_estimate_bytes() -> None:
-    """One rank per node: a quarter of an fp32 round (plus scales); eight per node: the all-to-all costs
-    more than a bf16 ring reduce-scatter, so the "compressed" round moves more bytes."""
-    assert int8_estimate_fraction(2, 1, 4) == pytest.approx((0.5 + 0.5) * (1 + 4 / 256) / 4)
-    assert int8_estimate_fraction(64, 8, 2) > 1.0
+    """One rank per node: a quarter of an fp32 round (plus scales). Eight per node: the node-aware round sends
+    (N-1)/N of the buffer in int8 each way between the N nodes, whatever g; nodes of unequal size keep the
+    flat all-to-all, which costs more than a bf16 ring round."""
+    per_value = 1 + 4 / 256
+    assert int8_estimate_fraction(2, 1, 4) == pytest.approx((0.5 + 0.5) * per_value / 4)
+    assert int8_estimate_fraction(64, 8, 2) == pytest.approx(2 * 7 / 8 * per_value / (2 * 63 / 64 * 2))
+    assert int8_estimate_fraction(4, 2, 4) == pytest.approx(2 * 1 / 2 * per_value / (2 * 3 / 4 * 4))
+    assert int8_estimate_fraction(60, 8, 2) > 1.0  # 60 ranks, 8 per node: unequal nodes, the flat round
     assert int8_estimate_fraction(64, 1, 2) < 0.6
+
+
+def test_quantizer_cost_joins_the_estimate_round() -> None:
+    """The fused kernels' time (five passes over the fp32 parameters at --quantize_gbs) lengthens M_est."""
+    assert quantize_s(1e9, 400.0) == pytest.approx(0.01)
+    cluster = Cluster(1.3e9, 32, 8, 100, 32768, 3e14)
+    slow_kernels = timing_from_cluster(dataclasses.replace(cluster, quantize_gbs=1.5))
+    fast_kernels = timing_from_cluster(cluster)
+    assert slow_kernels.estimate_round_s - fast_kernels.estimate_round_s == pytest.approx(4 * 1.3e9 / 1.5e9 - 0.013)
+    assert slow_kernels.round_s == fast_kernels.round_s
 
 
 def test_recommendation() -> None:

@@ -32,10 +32,10 @@ DEFAULT_ESTIMATE_HALF = {2: 1, 3: 2, 4: 3, 6: 5, 8: 6}
 rounded half up, each half at least one). Written out, not computed by the package."""
 
 
-def make_model(seed: int = 0) -> nn.Module:
-    """A tiny fp32 MLP with a deterministic initialisation."""
+def make_model(seed: int = 0, hidden: int = HIDDEN) -> nn.Module:
+    """A tiny fp32 MLP with a deterministic initialisation (``hidden`` wide: about ``13 x hidden`` parameters)."""
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(IN, HIDDEN), nn.Tanh(), nn.Linear(HIDDEN, OUT))
+    return nn.Sequential(nn.Linear(IN, hidden), nn.Tanh(), nn.Linear(hidden, OUT))
 
 
 def make_batches(seed: int, world_size: int, num_micro: int) -> list[list[tuple[torch.Tensor, torch.Tensor]]]:
@@ -159,6 +159,12 @@ def train_worker(rank: int, world_size: int, cfg: dict[str, Any], steps: int, se
     out["compression"] = compression
     out["loss_scale"] = float(getattr(engine.optimizer, "loss_scale", 1.0))
     out["param_dtype"] = str(next(model.parameters()).dtype)
+    sharded = getattr(engine.optimizer, "_round", None)
+    if sharded is not None:  # which kernels and which round layout ran
+        layout = sharded.layout
+        out["round"] = {"layout": (layout.nodes, layout.per_node) if layout is not None else None,
+                        "quantizer": sharded.quantizer.path if sharded.quantizer is not None else None,
+                        "fused_adam": sharded.fused is not None}
     if opts.get("use_install"):
         deepspeed_acco.uninstall()
     worker = getattr(engine.optimizer, "_worker", None)
