@@ -8,15 +8,17 @@ a few optimizer steps each after a warm-up. For every method it reports, per opt
   names ``python3``, and gloo's threads), and per round phase (reduce-scatter, norm, step, all-gather) both
   the wall-clock ACCO records and the worker thread's own CPU seconds (``time.thread_time``);
 - ACCO's extra memory by buffer: the storage of every tensor ACCO keeps beyond ZeRO-1 (the two flat
-  accumulation buffers, the shadow parameters, the carried estimate shard), read from the tensors, against
-  the formula ``2 P a + P b + 4 P / N`` (a = accumulation dtype bytes, b = parameter dtype bytes).
+  accumulation buffers, the shadow parameters, the round's reduced shards, one of which is the estimate's
+  carried into the commit, the fused estimate's scratch copies of the shard, its gradient and both moments,
+  and with int8 the payload buffers), read from the tensors, against the formula ``2 P a + P b + 24 P / N``
+  for plain ACCO (a = accumulation dtype bytes, b = parameter dtype bytes).
 
 The worker's phases are also ``torch.profiler.record_function`` ranges (``deepspeed_acco::pipeline::*``),
 for a trace taken inside a training script; a profiler started on the training thread does not record
 them here, because the worker thread exists before the profiler starts (measured: no range recorded), so
 this script reads the thread clocks instead.
 
-    python benchmarks/round_profile.py --out benchmarks/results/round_profile.json
+    python benchmarks/round_profile.py --out benchmarks/results/round_profile.json     # 3 interleaved repetitions
 
 Run it on two commits (``git worktree``) to compare the round before and after a change.
 """
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -48,8 +51,9 @@ def _train(engine: Any, windows: Any, position: int, steps: int) -> int:
     return position
 
 
-def profile_rank(rank: int, world: int, methods: list[str], steps: int, warmup: int) -> dict[str, Any]:
-    """In a spawned rank: train each method, measure threads, phases, profiler ranges and ACCO's buffers."""
+def profile_rank(rank: int, world: int, methods: list[str], steps: int, warmup: int, reps: int = 1) -> dict[str, Any]:
+    """In a spawned rank: train each method ``reps`` times, the methods interleaved (rotated each repetition),
+    and measure threads, phases and ACCO's buffers; a method's figures are lists, one entry per repetition."""
     import train_lm
     from deepspeed import comm as dist
 
@@ -63,7 +67,8 @@ def profile_rank(rank: int, world: int, methods: list[str], steps: int, warmup: 
                               estimate_fraction=None)
     corpus = train_lm.build_corpus(_model_args(args))
     out: dict[str, Any] = {}
-    for method in methods:
+    order = [methods[(k + r) % len(methods)] for r in range(reps) for k in range(len(methods))]
+    for method in order:
         model = train_lm.build_model(_model_args(args), corpus.vocab_size, corpus.eot_id)
         if method == "acco_int8" and "estimate_compression" not in deepspeed_acco.AccoConfig.model_fields:
             continue
@@ -99,15 +104,16 @@ def profile_rank(rank: int, world: int, methods: list[str], steps: int, warmup: 
             p_total = sum(f.numel() for f in flats)
             acc = optimizer._buffers[0][0].element_size()
             b = flats[0].element_size()
-            carried = getattr(getattr(optimizer, "_round", None), "_carried", None)
+            sharded = optimizer._round
+            fused = sharded.fused._scratch if sharded.fused is not None and sharded.fused._scratch else []
             result["acco_buffers_bytes"] = {
                 "accumulation buffers (2 x P x a)": nbytes([t for pair in optimizer._buffers for t in pair]),
                 "shadow parameters (P x b)": nbytes(optimizer._shadows),
-                "carried estimate shard (4P/N, between an estimate and its commit)":
-                    nbytes(carried) if carried is not None else 4 * p_total // world,
+                "round buffers (reduced shards 2 x 4P/N; int8: payloads)": nbytes(list(sharded._buffers.values())),
+                "fused estimate's scratch (4 x 4P/N)": nbytes([t for group in fused for t in group]),
             }
-            result["acco_buffers_formula_bytes"] = 2 * p_total * acc + p_total * b + 4 * p_total // world
-        out[method] = result
+            result["acco_buffers_formula_bytes"] = 2 * p_total * acc + p_total * b + 24 * p_total // world
+        out.setdefault(method, []).append(result)
         engine.destroy()
         dist.barrier()
     return out
@@ -119,29 +125,48 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--methods", default="zero1,acco,acco_int8")
     p.add_argument("--steps", type=int, default=6)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions of every method (medians reported)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     from tests.dist_utils import run_distributed
 
-    results = run_distributed(profile_rank, 2, args.methods.split(","), args.steps, args.warmup, timeout_s=1800)
+    results = run_distributed(profile_rank, 2, args.methods.split(","), args.steps, args.warmup, args.reps,
+                              timeout_s=3600)
     text = json.dumps({"ranks": results, "args": vars(args)}, indent=1)
     if args.out:
         Path(args.out).write_text(text + "\n")
-    for method, r0 in results[0].items():
-        threads = ", ".join(f"{k} {v:.3f}" for k, v in sorted(r0["thread_cpu_s_per_step"].items(),
-                                                               key=lambda kv: -kv[1]) if v >= 0.001)
-        print(f"{method}: {r0['wall_s_per_step']:.3f} s/step; CPU s/step by thread: {threads}")
-        if "round_phases_s_per_step" in r0:
-            phases = r0["round_phases_s_per_step"].items()
-            print("  round phases, wall s/step: " + ", ".join(f"{k} {v:.3f}" for k, v in phases))
-        if "round_phases_cpu_s_per_step" in r0:
-            phases = r0["round_phases_cpu_s_per_step"].items()
-            print("  round phases, worker CPU s/step: " + ", ".join(f"{k} {v:.3f}" for k, v in phases))
-        if "acco_buffers_bytes" in r0:
-            total = sum(r0["acco_buffers_bytes"].values())
-            print(f"  ACCO buffers: {total / 1e6:.1f} MB (formula {r0['acco_buffers_formula_bytes'] / 1e6:.1f} MB): "
-                  + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in r0["acco_buffers_bytes"].items()))
+    print(summary(results))
     return 0
+
+
+def _spread(values: list[float]) -> str:
+    """``median (min-max)`` of one figure over the repetitions and both ranks."""
+    return f"{statistics.median(values):.3f} ({min(values):.3f}-{max(values):.3f})"
+
+
+def summary(results: list[dict[str, Any]]) -> str:
+    """Per method: medians over repetitions and ranks (min-max) of wall and CPU seconds per step, by thread
+    (``worker``: ACCO's round thread; ``gloo``: gloo's threads together) and by round phase."""
+    lines = []
+    for method in results[0]:
+        runs = [run for rank in results for run in rank[method]]
+        worker = [run["thread_cpu_s_per_step"].get("python3", run["thread_cpu_s_per_step"].get("python", 0.0))
+                  for run in runs]
+        gloo = [sum(v for k, v in run["thread_cpu_s_per_step"].items() if "gloo" in k) for run in runs]
+        main = [run["thread_cpu_s_per_step"].get("main", 0.0) for run in runs]
+        lines.append(f"{method}: {_spread([r['wall_s_per_step'] for r in runs])} s/step; CPU s/step: training thread "
+                     f"{_spread(main)}, worker {_spread(worker)}, gloo threads {_spread(gloo)} "
+                     f"({len(runs)} runs: {len(runs) // len(results)} repetitions x {len(results)} ranks)")
+        for key, label in (("round_phases_s_per_step", "wall"), ("round_phases_cpu_s_per_step", "worker CPU")):
+            if key in runs[0]:
+                lines.append(f"  round phases, {label} s/step: " + ", ".join(
+                    f"{k} {_spread([r[key][k] for r in runs])}" for k in runs[0][key]))
+        if "acco_buffers_bytes" in runs[0]:
+            r0 = runs[0]
+            total = sum(r0["acco_buffers_bytes"].values())
+            lines.append(f"  ACCO buffers: {total / 1e6:.1f} MB (formula {r0['acco_buffers_formula_bytes'] / 1e6:.1f} "
+                         "MB): " + ", ".join(f"{k} {v / 1e6:.1f} MB" for k, v in r0["acco_buffers_bytes"].items()))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -92,11 +92,12 @@ class AccoConfig(DeepSpeedConfigModel):
     """``"int8"``: send the estimate round compressed, the commit exact (see ``acco-algorithm.md``,
     "Compressed estimate round with an exact commit"): block-wise int8 gradients in an all-to-all,
     summed in fp32 by their owner, the quantization residual added to the commit half's gradients,
-    and the estimate's all-gather as an int8 update from theta_t. With one rank per node about 1.25x
-    ZeRO-1's bytes per step instead of 2x (1.17x measured by the benchmark); the all-to-all carries
-    more through a node's link the more ranks share it, so with 8 ranks per node it can cost more than
-    it saves (``python -m deepspeed_acco.plan`` says). Only where theta~ lands changes (by at most half
-    a quantization step per element). Mode ``"acco"`` only (dpu has no estimate round)."""
+    and the estimate's all-gather as an int8 update from theta_t. About 1.25x ZeRO-1's bytes per step instead
+    of 2x. Where the launcher puts several ranks on a node the round is node-aware (full precision inside the
+    node, int8 between nodes), so a node's link carries about one int8 buffer whatever the ranks per node.
+    The quantizer runs as fused compiled kernels (eager where compiling fails; ``initialize`` logs which). Only
+    where theta~ lands changes (by at most half a quantization step per element). Mode ``"acco"`` only (dpu has
+    no estimate round). Figures: docs/how-it-works.md, "The compressed estimate round"."""
 
     estimate_fraction: float = Field(0.75, gt=0.0, lt=1.0)
     """Share of each step's micro-batches computed at the estimate theta~_t (the estimate half); the rest (the

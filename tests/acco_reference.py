@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import copy
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any, Literal
 
 import torch
@@ -366,6 +366,8 @@ def reference_train(
     estimate_compression: Literal["none", "int8"] = "none",
     block: int = 256,
     ranks_per_node: int = 1,
+    compressed_steps: Collection[int] | None = None,
+    restart_after: Collection[int] = (),
     lr_scaling: Literal["none", "sqrt"] = "none",
     lr_factors: list[float] | None = None,
     estimate_shift: tuple[float, float] = (1.0, 0.0),
@@ -414,6 +416,11 @@ def reference_train(
             each node's estimate gradients are summed exactly, that node sum is what is quantized chunk by
             chunk (blocks counted from each chunk's start, as in the flat round), and each node's residual
             (node sum minus its quantized value) joins the commit. The update's quantization is unchanged.
+        compressed_steps: with ``estimate_compression="int8"``, the steps (0-based) whose estimate round is
+            compressed; None: every step. The automatic schedule switches compression between steps.
+        restart_after: steps (0-based) after which the pipeline restarts from the committed weights: the next
+            step's first half is computed at theta_{t+1}, not at the estimate (the automatic schedule's switches;
+            with ``step_rounds`` for each step's halves, ``[GA]`` alone for ZeRO-1's synchronous step).
         lr_scaling: ``"sqrt"`` (acco, adaptive accumulation): a round of ``c`` micro-batches over
             all ranks, summing ``h`` halves of a step (2 for a commit with its estimate half, else 1),
             runs at ``lr(t) * sqrt(c / (N * n))``, ``n`` the nominal micro-batches per rank of the halves it
@@ -490,7 +497,8 @@ def reference_train(
 
     compute_at = sim.snapshot_params()
     for t, rounds in enumerate(step_rounds):
-        compressed = mode == "acco" and len(rounds) == 2 and estimate_compression == "int8"
+        compressed = mode == "acco" and len(rounds) == 2 and estimate_compression == "int8" and \
+            (compressed_steps is None or t in compressed_steps)
         if compressed:
             per_rank = [_padded(x, num_ranks) for x in sim.accumulate_each(compute_at, rounds[0])]
             if ranks_per_node > 1:  # what is quantized is each node's exact sum
@@ -527,5 +535,7 @@ def reference_train(
         else:
             # sync; or acco's commit of an estimate half alone (no estimate round), then restart.
             sim.step(first_sums, first_count, t, factor(first_count, ga if t < sync_steps else k_est))
+            compute_at = sim.snapshot_params()
+        if t in restart_after:
             compute_at = sim.snapshot_params()
     return sim.result()
