@@ -27,11 +27,14 @@ from deepspeed_acco.plan import Timing, step_time_s
 
 __all__ = ["add_derived", "write_report", "markdown", "main"]
 
-CASE_ORDER = ("zero1", "acco", "acco_int8", "dpu", "acco_adaptive")
-CASE_LABEL = {"zero1": "ZeRO-1", "acco": "ACCO", "acco_int8": "ACCO int8", "dpu": "DPU",
+CASE_ORDER = ("zero1", "acco", "acco_int8", "acco_half", "acco_half_int8", "acco_auto", "dpu", "acco_adaptive")
+CASE_LABEL = {"zero1": "ZeRO-1", "acco": "ACCO 0.75", "acco_int8": "ACCO 0.75+int8", "acco_half": "ACCO 0.5",
+              "acco_half_int8": "ACCO 0.5+int8", "acco_auto": "ACCO automatic", "dpu": "DPU",
               "acco_adaptive": "ACCO adaptive"}
-CASE_COLOR = {"zero1": "tab:gray", "acco": "tab:blue", "acco_int8": "tab:purple", "dpu": "tab:orange",
-              "acco_adaptive": "tab:green"}
+CASE_COLOR = {"zero1": "tab:gray", "acco": "tab:blue", "acco_int8": "tab:purple", "acco_half": "tab:cyan",
+              "acco_half_int8": "tab:pink", "acco_auto": "tab:red", "dpu": "tab:orange", "acco_adaptive": "tab:green"}
+PLANNER_METHOD = {"acco_half": "acco", "acco_half_int8": "acco_int8", "acco_adaptive": "acco"}
+"""The planner's method of each case whose schedule is one of the planner's (``acco_auto``: of its choice)."""
 
 
 def _key(run: dict[str, Any]) -> tuple[str, bool, float]:
@@ -51,7 +54,7 @@ def step_bound(case: str, c: float, m: float, m_estimate: float | None, ga: int 
     (``acco.estimate_fraction``; 0.5 for runs recorded before it existed); adaptive accumulation is bounded
     like ACCO (its extra micro-batches fill the wait, they do not lengthen the step).
     """
-    method = "acco" if case == "acco_adaptive" else case
+    method = PLANNER_METHOD.get(case, case)
     timing = Timing(c, m, m_estimate if m_estimate is not None else m, ga, estimate_fraction=estimate_fraction)
     return step_time_s(method, timing)[0]
 
@@ -79,7 +82,11 @@ def add_derived(result: dict[str, Any]) -> None:
         c, m = z["compute_s"], z["comm_s"]
         run["zero1_M_over_C"] = m / c if c else None
         run["M_over_C"] = run["round_s"] / run["compute_s"] if run["compute_s"] else None
-        run["limit_s"] = step_bound(run["case"], c, m, run.get("estimate_round_s"), run.get("ga", 8),
+        case = run["case"]
+        if case == "acco_auto":  # bounded as the schedule it chose
+            chosen = run.get("auto_schedule") or "0.75"
+            case = "zero1" if chosen == "sync" else "acco_int8" if chosen.endswith("+int8") else "acco"
+        run["limit_s"] = step_bound(case, c, m, run.get("estimate_round_s"), run.get("ga", 8),
                                     recorded_estimate_fraction(run))
         run["step_time_over_limit"] = run["step_time_s"] / run["limit_s"] if run["limit_s"] else None
         run["speedup_vs_zero1"] = z["step_time_s"] / run["step_time_s"]

@@ -56,7 +56,7 @@ __all__ = ["main", "parse_args", "check_resume", "write_run_identity", "preset_a
            "derive_bandwidths", "calibrate", "CpuQuota"]
 
 WORKER = ROOT / "benchmarks" / "worker.py"
-TTT_METHODS = ("zero1", "acco", "acco_int8", "dpu", "acco_adaptive", "acco_adaptive_sqrt")
+TTT_METHODS = ("zero1", "acco", "acco_int8", "dpu", "acco_adaptive", "acco_adaptive_sqrt", "acco_auto")
 """The time-to-target methods: adaptive ACCO with each LR rule (``acco.lr_scaling`` none and sqrt)."""
 RANKS = 2
 
@@ -306,8 +306,12 @@ def summarize_case(case: dict[str, Any], skip: int) -> dict[str, Any]:
     r0 = ranks[0]
     steps, ga, world, tpm = r0["steps"], r0["ga"], r0["world_size"], r0["tokens_per_micro_batch"]
     acco = r0["acco"]
-    rounds_per_step = 2 if case["case"] in ("acco", "acco_int8", "acco_adaptive") else 1
+    rounds_per_step = 2 if case["case"] in ("acco", "acco_int8", "acco_adaptive", "acco_half", "acco_half_int8") \
+        or (case["case"] == "acco_auto" and r0.get("auto_schedule") not in (None, "sync")) else 1
     excluded = set(range(1, skip + 1)) | set(r0["paused_steps"])
+    decisions = r0.get("auto_decisions") or []
+    if decisions:  # the automatic schedule: its trials and the first step of its choice are left out
+        excluded |= set(range(1, decisions[0]["step"] + 2))
     kept = [s for s in range(1, steps + 1) if s not in excluded] or list(range(1, steps + 1))
 
     def step_times(rank: dict[str, Any]) -> dict[int, float]:
@@ -378,6 +382,7 @@ def summarize_case(case: dict[str, Any], skip: int) -> dict[str, Any]:
     rounds = [counts for rec in r0["records"] if rec["step"] in kept for counts in rec["round_counts"]]
     return {
         "method": case["method"], "case": case["case"], "adaptive_accumulation": r0["adaptive_accumulation"],
+        "auto_schedule": r0.get("auto_schedule"), "auto_decisions": r0.get("auto_decisions"),
         "estimate_fraction": r0.get("estimate_fraction"), "steps": steps, "tokens": tokens,
         "samples": tokens // r0["seq_len"],
         "step_time_s": step_time, "step_time_s_per_rank": per_rank_step,

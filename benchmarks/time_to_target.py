@@ -33,11 +33,14 @@ from typing import Any
 
 __all__ = ["crossing", "summarize", "add_derived", "markdown", "write_report", "run_sweep"]
 
-CASE_LABEL = {"zero1": "ZeRO-1", "acco": "ACCO", "acco_int8": "ACCO int8", "dpu": "DPU",
-              "acco_adaptive": "ACCO adaptive (lr none)", "acco_adaptive_sqrt": "ACCO adaptive (lr sqrt)"}
+CASE_LABEL = {"zero1": "ZeRO-1", "acco": "ACCO 0.75", "acco_int8": "ACCO 0.75+int8", "dpu": "DPU",
+              "acco_adaptive": "ACCO adaptive (lr none)", "acco_adaptive_sqrt": "ACCO adaptive (lr sqrt)",
+              "acco_auto": "ACCO automatic", "acco_half": "ACCO 0.5", "acco_half_int8": "ACCO 0.5+int8"}
 CASE_COLOR = {"zero1": "tab:gray", "acco": "tab:blue", "acco_int8": "tab:purple", "dpu": "tab:orange",
-              "acco_adaptive": "tab:green", "acco_adaptive_sqrt": "tab:red"}
-ACCO_VARIANTS = ("acco", "acco_int8", "acco_adaptive", "acco_adaptive_sqrt")
+              "acco_adaptive": "tab:green", "acco_adaptive_sqrt": "tab:olive", "acco_auto": "tab:red",
+              "acco_half": "tab:cyan", "acco_half_int8": "tab:pink"}
+ACCO_VARIANTS = ("acco", "acco_int8", "acco_adaptive", "acco_adaptive_sqrt", "acco_auto", "acco_half",
+                 "acco_half_int8")
 
 
 def crossing(evals: list[dict[str, Any]], target: float) -> tuple[float, float] | None:

@@ -39,12 +39,19 @@ import torch  # noqa: E402
 
 __all__ = ["CASES", "METHODS", "build_config", "main", "parse_args", "read_tx_bytes"]
 
-METHODS = ("zero1", "acco", "acco_int8", "dpu", "acco_adaptive")
-"""The step-time sweep's cases: ds_configs/zero1.json, acco.json, acco.json with the int8-compressed estimate
-round, dpu.json, and acco.json with adaptive accumulation."""
+METHODS = ("zero1", "acco", "acco_int8", "dpu", "acco_adaptive", "acco_auto")
+"""The step-time sweep's cases: ds_configs/zero1.json, acco.json pinned to the default schedule (3 + 1 split),
+acco.json with the int8-compressed estimate round, dpu.json, acco.json with adaptive accumulation, and acco.json's
+block as it is (``{"enabled": true}``: the automatic schedule, ``deepspeed_acco/schedule.py``)."""
 
-CASES = (*METHODS, "acco_adaptive_sqrt")
-"""Cases a worker can run: ``METHODS`` and adaptive accumulation with ``acco.lr_scaling = "sqrt"``."""
+CASES = (*METHODS, "acco_adaptive_sqrt", "acco_half", "acco_half_int8")
+"""Cases a worker can run: ``METHODS``, adaptive accumulation with ``acco.lr_scaling = "sqrt"``, and the equal
+halves (``estimate_fraction`` 0.5) plain and with the int8 estimate: with ``acco`` and ``acco_int8`` the fixed
+schedules the automatic one chooses among."""
+
+AUTO_EXTRA_STEPS = 10
+"""``acco_auto`` trains this many steps more than the others: its trials (3 schedules x 3 steps) and the first
+step of its choice, which the summaries leave out (``benchmarks/run.py``)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,15 +99,17 @@ def build_config(method: str, args: argparse.Namespace) -> dict[str, Any]:
     config["train_micro_batch_size_per_gpu"] = args.micro_batch
     config["gradient_accumulation_steps"] = args.ga
     config.pop("train_batch_size", None)
-    if "acco" in config:
-        config["acco"]["estimate_compression"] = "int8" if method == "acco_int8" else "none"
+    if "acco" in config and method != "acco_auto":  # every other case pins its schedule
+        config["acco"]["estimate_compression"] = "int8" if method in ("acco_int8", "acco_half_int8") else "none"
+        if method in ("acco_half", "acco_half_int8"):
+            config["acco"]["estimate_fraction"] = 0.5
     if method.startswith("acco_adaptive"):
         config["acco"]["adaptive_accumulation"] = True
         config["acco"]["max_micro_batches_per_round"] = args.max_micro_factor * max(1, args.ga // 2)
         config["acco"]["lr_scaling"] = "sqrt" if method == "acco_adaptive_sqrt" else "none"
     if "acco" in config:
         config["acco"]["round_timeout_s"] = args.timeout_s
-        if args.estimate_fraction is not None:
+        if args.estimate_fraction is not None and method in ("acco", "acco_int8"):
             config["acco"]["estimate_fraction"] = args.estimate_fraction
     return config
 
@@ -272,7 +281,7 @@ def run_case(method: str, args: argparse.Namespace, corpus: Any, eval_set: list[
 
     if every:
         evaluate_now()
-    limit = args.steps if chase is None else 4 * args.steps
+    limit = (args.steps + (AUTO_EXTRA_STEPS if method == "acco_auto" else 0)) if chase is None else 4 * args.steps
     engine.train()
     while engine.global_steps < limit and not reached:
         batch = windows[position].to(engine.device)
@@ -340,6 +349,12 @@ def run_case(method: str, args: argparse.Namespace, corpus: Any, eval_set: list[
         "evals": evals, "target_loss": chase["target_loss"] if chase else None,
         "cap_s": chase["cap_s"] if chase else None, "reached": reached if chase else None,
     }
+    decisions = [r["decision"] for r in records if r.get("decision")]
+    if method == "acco_auto":  # what the automatic schedule decided, and when
+        out["auto_decisions"] = decisions
+        chosen = decisions[-1]["schedule"] if decisions else None
+        out["auto_schedule"] = chosen
+        out["estimate_fraction"] = None if chosen in (None, "sync") else float(chosen.split("+")[0])
     engine.destroy()
     engine = model = None  # freed before the next case
     gc.collect()

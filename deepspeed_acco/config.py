@@ -153,6 +153,14 @@ class AccoConfig(DeepSpeedConfigModel):
     Set this to run another optimizer, after checking that its whole state lives in
     ``optimizer.state`` and ``param_groups``."""
 
+    @property
+    def automatic_schedule(self) -> bool:
+        """ACCO picks its schedule itself (``schedule.py``): mode ``"acco"`` without adaptive accumulation, and
+        the block sets neither ``estimate_fraction`` nor ``estimate_compression`` (a block that sets one runs
+        exactly as configured, reproducibly)."""
+        return self.mode == "acco" and not self.adaptive_accumulation and \
+            not {"estimate_fraction", "estimate_compression"} & self.model_fields_set
+
     @field_validator("compression_block_size")
     @classmethod
     def _block_the_kernels_take(cls, block: int) -> int:

@@ -46,6 +46,12 @@ class StepMetrics:
     round_lr_factors: list[float] = field(default_factory=list)
     """Per round of this step: what the round multiplied the scheduler's LR by (``acco.lr_scaling``; 1.0
     without it)."""
+    step_s: float = 0.0
+    """Wall-clock seconds from the previous step's commit boundary to this step's."""
+    schedule: str | None = None
+    """The schedule this step ran: ``sync`` (ZeRO-1's step), ``0.75``, ``0.5+int8``... (``schedule.py``), ``dpu``."""
+    decision: dict[str, Any] | None = None
+    """The automatic schedule's decision taken at the boundary before this step, with its figures."""
 
     @property
     def micro_batches(self) -> int:

@@ -48,6 +48,7 @@ from deepspeed_acco.pipeline import (
     swap_contents,
 )
 from deepspeed_acco.pipeline_state import ACCO_STATE_KEY
+from deepspeed_acco.schedule import AutoSchedule, Schedule
 from deepspeed_acco.split import split_micro_batches
 from deepspeed_acco.topology import NodeLayout, node_layout
 
@@ -128,7 +129,11 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         shift = ESTIMATE_SHIFTS[acco_config.estimate] if self._mode == "acco" else ESTIMATE_SHIFTS["paper"]
         on_cuda = flats[0].is_cuda
         self._stream = torch.cuda.Stream(device=flats[0].device) if on_cuda else None
+        # The automatic schedule (schedule.py) may pick the int8 estimate: its kernels and node groups are made here.
+        self._auto = AutoSchedule() if self._mode == "acco" and acco_config.automatic_schedule else None
         compression = acco_config.estimate_compression if self._mode == "acco" else "none"
+        if self._auto is not None:
+            compression = "int8"
         layout = self._node_layout(ranks) if compression != "none" else None
         self._round = ShardedRound(
             base_optimizer=self.optimizer, master_shards=list(self.single_partition_of_fp32_groups),
@@ -145,6 +150,11 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
                                f"acco.mode={self._mode!r} (it has no estimate round)")
         self._shift_estimate = self._round.estimate_shift != ESTIMATE_SHIFTS["paper"]
         self._compress = self._round.compression != "none"
+        self._schedule = Schedule(acco_config.estimate_fraction, compression) if self._mode == "acco" else None
+        self._sync_schedule = False  # the schedule that runs is ZeRO-1's synchronous step
+        self._last_commit_at = time.perf_counter()
+        if self._auto is not None:
+            self._apply_schedule(self._auto.current)
         self._estimate_loss_scale = 1.0  # loss scale of the estimate half whose residual the commit takes
         self._shadows = shadows
         self._worker = AccoCommWorker(self._round.run)
@@ -238,9 +248,10 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
             self._commit_pending = True
 
     def _synchronous_step(self) -> bool:
-        """This step runs as ZeRO-1's (``acco.sync_steps``): its ``gradient_accumulation_steps`` micro-batches
-        fill the estimate half's place, all at theta_t, and are committed directly (no estimate round)."""
-        return self._step < self._sync_steps
+        """This step runs as ZeRO-1's (``acco.sync_steps``, or the automatic schedule chose it): its
+        ``gradient_accumulation_steps`` micro-batches fill the estimate half's place, all at theta_t, and are
+        committed directly (no estimate round)."""
+        return self._sync_schedule or self._step < self._sync_steps
 
     def _boundary_reached(self) -> bool:
         if self._next_kind is RoundKind.ESTIMATE and self._synchronous_step():
@@ -314,9 +325,58 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         if direct:  # no estimate exists for the next step: wait for this commit and start again from it
             self._finish_round(self._wait_in_flight())
             self._half_start = time.perf_counter()
+        if self._auto is not None and self._step > self._sync_steps:
+            self._auto_boundary()
         self.overflow = False  # decided by the round; the LR scheduler steps once per commit
         if self.metrics.history:
             self._global_grad_norm = self.metrics.history[-1].grad_norm
+
+    # ------------------------------------------------------------------ the automatic schedule (schedule.py)
+    def _apply_schedule(self, schedule: Schedule) -> None:
+        """Run ``schedule`` from the next step on (at a step boundary with no round in flight)."""
+        self._schedule = schedule
+        self._sync_schedule = schedule.estimate_fraction is None
+        if not self._sync_schedule:
+            estimate_half, commit_half = split_micro_batches(self._ga, schedule.estimate_fraction)
+            self._half_micro = {RoundKind.ESTIMATE: estimate_half, RoundKind.COMMIT: commit_half}
+        self._round.compression = schedule.compression
+        self._compress = schedule.compression != "none"
+
+    def _drain_commit(self) -> None:
+        """Wait for the commit just launched and load it: the pipeline restarts from the committed weights."""
+        if self._in_flight is not None:
+            self._finish_round(self._wait_in_flight())
+            self._half_start = time.perf_counter()
+
+    def _agreed(self, values: list[float]) -> list[float]:
+        """``values`` averaged over the data-parallel ranks (one all-reduce on the engine's group, not ACCO's),
+        so that every rank takes the same decision from its own measurements."""
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.bit16_groups_flat[0].device)
+        dist.all_reduce(tensor, group=self.dp_process_group)
+        return (tensor / self._world).tolist()
+
+    def _auto_boundary(self) -> None:
+        """At a commit boundary: end a trial, or check M / C, and switch schedules when the choice changes."""
+        auto = self._auto
+        assert auto is not None, "only with the automatic schedule"
+        auto.boundary()
+        decided = len(auto.decisions)
+        if auto.trial_over():
+            self._drain_commit()  # the trial's last step is measured too
+            chosen = auto.end_trial(self._step, self._agreed(auto.local_summary()))
+        elif auto.check_due(self._step):
+            chosen = auto.check(self._step, self._agreed(auto.local_summary()))
+        else:
+            return
+        if chosen != self._schedule:
+            self._drain_commit()
+            self._apply_schedule(chosen)
+        if len(auto.decisions) > decided:
+            decision = auto.decisions[-1]
+            self.metrics.open(self._step).decision = decision
+            if self._rank == 0:
+                logger.info(f"ACCO schedule from step {decision['step'] + 1}: {decision['schedule']} "
+                            f"({decision['why']}; M/C {decision['m_over_c']:.2f}; {decision['reason']})"[:300])
 
     def _loss_divisor(self, kind: RoundKind) -> float:
         """What each micro-batch's loss of this round was divided by (see ``RoundSpec.loss_divisor``).
@@ -334,6 +394,11 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         kind = kind or self._next_kind
         record = self.metrics.open(self._step)
         record.compute_s += now - self._half_start
+        record.schedule = "dpu" if self._schedule is None else "sync" if self._synchronous_step() \
+            else self._schedule.name
+        if kind is RoundKind.COMMIT:
+            record.step_s = now - self._last_commit_at
+            self._last_commit_at = now
         loss_scale = float(self.loss_scale)
         finishing = self._in_flight.spec.kind if self._in_flight is not None else None
         loaded = self._in_flight is not None
@@ -423,6 +488,9 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
             record.overflow = result.overflow
             record.grad_norm = result.grad_norm
             self._lazy_init_hp_params_optimizer_state()
+            if self._auto is not None:
+                self._auto.observe(result.step + 1, record.step_s, record.compute_s, record.commit_round_s,
+                                   record.estimate_round_s)
             self.metrics.close(result.step)
         if result.overflow:
             self._note_nonfinite(result)

@@ -25,6 +25,8 @@ at any micro-batch, each rank also writes, under ``ACCO_STATE_KEY`` of its optim
 - the schedule's counters (step, round index, micro-batches in this half and this step, a pending
   commit, the next round's kind, non-finite steps), the metrics records of steps still open, and
   the engine's ``micro_steps``;
+- with the automatic schedule (``schedule.py``), the schedule that runs and the chooser's state (trials,
+  measurements, decisions), so that a resumed run goes on with the same decision;
 - what the state is valid for: mode, estimate compression, micro-batches of each half, world size,
   flat sizes. A checkpoint that differs in any of them, or has no ACCO state (plain ZeRO-1,
   universal, ``load_optimizer_states=False``), restarts the pipeline from the loaded committed
@@ -48,6 +50,7 @@ from deepspeed.utils import logger
 
 from deepspeed_acco.metrics import StepMetrics
 from deepspeed_acco.pipeline import AccoRoundError, RoundHandle, RoundKind, RoundResult, RoundSpec, rank_partition
+from deepspeed_acco.schedule import Schedule
 
 if TYPE_CHECKING:
     from deepspeed_acco.optimizer import AccoZeroOptimizer
@@ -115,6 +118,8 @@ def save_pipeline_state(opt: AccoZeroOptimizer) -> dict[str, Any]:
         "estimate_loss_scale": opt._estimate_loss_scale,
         "open_metrics": [dataclasses.asdict(r) for r in opt.metrics._open.values()],
         "engine_micro_steps": opt._engine_micro_steps,
+        "schedule": opt._schedule.name if opt._schedule is not None else None,
+        "auto": opt._auto.state_dict() if opt._auto is not None else None,
     }
 
 
@@ -160,6 +165,11 @@ def restore_pipeline_state(opt: AccoZeroOptimizer, acco: dict[str, Any] | None) 
     When the state is missing or ``incompatibility`` finds a reason (logged when there was a state),
     the pipeline restarts from the loaded (committed) parameters and ``opt.loaded_acco_state`` stays False.
     """
+    if acco is not None and acco.get("auto") is not None and opt._auto is not None:
+        # The automatic schedule resumes its decision, and the pipeline the schedule that ran.
+        opt._auto.load_state_dict(acco["auto"])
+        if acco.get("schedule"):
+            opt._apply_schedule(Schedule.from_name(acco["schedule"]))
     reason = incompatibility(opt, acco)
     if reason is None:
         with torch.no_grad():

@@ -34,6 +34,7 @@ import train_lm  # noqa: E402
 from hf_trainer import WindowDataset  # noqa: E402
 
 import deepspeed_acco  # noqa: E402
+from tests.workers import PINNED_SCHEDULE  # noqa: E402
 
 GA, MICRO, SEQ, WORLD = 4, 8, 64, 2
 MICRO_PER_EPOCH = 6  # per rank: one step of 4, then a short step of 2 the caller forces
@@ -44,7 +45,7 @@ CONFIG: dict[str, Any] = {
                                               "torch_adam": True}},
     "scheduler": {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": 3e-3, "warmup_num_steps": 2,
                                                  "warmup_type": "linear"}},
-    "zero_optimization": {"stage": 1}, "steps_per_print": 10**9, "acco": {"enabled": True},
+    "zero_optimization": {"stage": 1}, "steps_per_print": 10**9, "acco": {"enabled": True, **PINNED_SCHEDULE},
 }
 
 

@@ -47,8 +47,11 @@ def test_smoke_benchmark_writes_documented_schema(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     runs = result["runs"]
     homogeneous = [r for r in runs if not r["heterogeneous"]]
-    assert {r["case"] for r in homogeneous} == {"zero1", "acco", "acco_int8", "dpu", "acco_adaptive"}, \
+    assert {r["case"] for r in homogeneous} == {"zero1", "acco", "acco_int8", "dpu", "acco_adaptive", "acco_auto"}, \
         [r["case"] for r in runs]
+    auto = next(r for r in homogeneous if r["case"] == "acco_auto")
+    assert auto["auto_decisions"] and auto["auto_decisions"][0]["step"] == 9, auto["auto_decisions"]
+    assert auto["auto_schedule"] in ("sync", "0.75", "0.75+int8", "0.5", "0.5+int8")
     for row in runs:
         missing = [k for k in RUN_FIELDS if k not in row]
         assert not missing, f"{row['method']} lacks {missing}"
@@ -122,7 +125,8 @@ def test_time_to_target_smoke_writes_documented_fields(tmp_path: Path) -> None:
     assert proc.returncode == 0, f"--time_to_target --smoke exited {proc.returncode}:\n{output[-6000:]}"
     result = json.loads(out.read_text())
     runs = {r["case"]: r for r in result["runs"]}
-    assert set(runs) == {"zero1", "acco", "acco_int8", "dpu", "acco_adaptive", "acco_adaptive_sqrt"}, sorted(runs)
+    assert set(runs) == {"zero1", "acco", "acco_int8", "dpu", "acco_adaptive", "acco_adaptive_sqrt", "acco_auto"}, \
+        sorted(runs)
     assert [r["case"] for r in result["runs"]][0] == "zero1"  # it trains first: it sets the target
     zero1 = runs["zero1"]
     for case, row in runs.items():
