@@ -2,7 +2,8 @@
 
     python benchmarks/report.py benchmarks/results/quick.json
 
-writes ``quick.md``, ``quick_step_time.png``, ``quick_loss_time.png`` and ``quick_loss_tokens.png``
+writes ``quick.md``, ``quick_step_time.png``, ``quick_speedup.png``, ``quick_loss_time.png`` and
+``quick_loss_tokens.png``
 next to the JSON (``run.py`` calls it at the end of a run). ``add_derived`` adds to every run the
 figures that need its ZeRO-1 twin (same model, repetition, bandwidth and host setup): speed-up,
 ZeRO-1's M/C and the method's step-time bound (below); and the ``summary`` (medians over repetitions,
@@ -352,6 +353,34 @@ def _plots(result: dict[str, Any], stem: Path) -> list[Path]:
         ax2.set_ylabel("samples/s (both ranks)")
         ax2.set_title(f"{preset}: throughput")
     paths.append(stem.with_name(stem.name + "_step_time.png"))
+    fig.savefig(paths[-1], dpi=100)
+    plt.close(fig)
+
+    # Step rate against ZeRO-1's, per schedule (the picture a user looks at): median and min-max of the repetitions.
+    fig, axes = plt.subplots(1, len(presets), figsize=(6.2 * len(presets), 4.2), constrained_layout=True,
+                             squeeze=False)
+    for ax, preset in zip(axes[0], presets):
+        homo = [r for r in homo_all if r["preset"] == preset]
+        for case in CASE_ORDER:
+            rows = sorted((r for r in homo if r["case"] == case and r.get("speedup_vs_zero1") is not None),
+                          key=lambda r: r["zero1_M_over_C"])
+            if not rows or case == "zero1":
+                continue
+            x = [r["zero1_M_over_C"] for r in rows]
+            y = [r["speedup_vs_zero1"] for r in rows]
+            err = [[v - (r["speedup_vs_zero1_min"] or v) for v, r in zip(y, rows)],
+                   [(r["speedup_vs_zero1_max"] or v) - v for v, r in zip(y, rows)]]
+            auto = case == "acco_auto"
+            ax.errorbar(x, y, yerr=err, fmt="o-", color=CASE_COLOR[case], label=CASE_LABEL[case], capsize=3,
+                        lw=3 if auto else 1.2, ms=7 if auto else 4, zorder=3 if auto else 2)
+        ax.axhline(1.0, color=CASE_COLOR["zero1"], lw=2, label="ZeRO-1")
+        ax.set_xscale("log")
+        ax.set_xlabel("ZeRO-1 M/C (measured; the leftmost point is the unshaped link)")
+        ax.set_ylabel("step rate / ZeRO-1's (median, min-max of repetitions)")
+        ax.set_title(f"{preset}: step rate against ZeRO-1's")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    paths.append(stem.with_name(stem.name + "_speedup.png"))
     fig.savefig(paths[-1], dpi=100)
     plt.close(fig)
 

@@ -98,6 +98,9 @@ def build_config(method: str, args: argparse.Namespace) -> dict[str, Any]:
     config: dict[str, Any] = json.loads((ROOT / "ds_configs" / f"{name}.json").read_text())
     config["train_micro_batch_size_per_gpu"] = args.micro_batch
     config["gradient_accumulation_steps"] = args.ga
+    sched = config.get("scheduler", {})
+    if "total_num_steps" in sched.get("params", {}):  # a decaying LR: over the most steps a case may train
+        sched["params"]["total_num_steps"] = 4 * args.steps + AUTO_EXTRA_STEPS
     config.pop("train_batch_size", None)
     if "acco" in config and method != "acco_auto":  # every other case pins its schedule
         config["acco"]["estimate_compression"] = "int8" if method in ("acco_int8", "acco_half_int8") else "none"
@@ -109,6 +112,7 @@ def build_config(method: str, args: argparse.Namespace) -> dict[str, Any]:
         config["acco"]["lr_scaling"] = "sqrt" if method == "acco_adaptive_sqrt" else "none"
     if "acco" in config:
         config["acco"]["round_timeout_s"] = args.timeout_s
+        config["acco"]["sync_steps"] = 0  # the benchmark measures each schedule from the first step
         if args.estimate_fraction is not None and method in ("acco", "acco_int8"):
             config["acco"]["estimate_fraction"] = args.estimate_fraction
     return config

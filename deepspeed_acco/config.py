@@ -62,96 +62,68 @@ class AccoConfig(DeepSpeedConfigModel):
     """The ``"acco"`` block. Unknown keys are refused, so a typo fails at ``initialize``."""
 
     enabled: bool = False
-    """Turn ACCO on. When false, the engine is exactly DeepSpeed's own ZeRO-1."""
+    """Turn ACCO on. When false, the engine is exactly DeepSpeed's own ZeRO-1. ``{"enabled": true}`` alone lets ACCO
+    choose its schedule from what it measures (see ``automatic_schedule``; docs/how-it-works.md)."""
 
     mode: Literal["acco", "dpu"] = "acco"
-    """``"acco"``: an estimate round then a commit round per optimizer step, the step's micro-batches split
-    between them by ``estimate_fraction``, so no gradient is stale.
-    ``"dpu"``: delayed parameter update, one round per step over ``gradient_accumulation_steps``
-    micro-batches, gradients one step stale (the baseline of the ACCO paper)."""
+    """``"acco"``: an estimate round then a commit round per optimizer step, so no gradient is stale.
+    ``"dpu"``: delayed parameter update, one round per step, gradients one step stale (the ACCO paper's baseline,
+    for comparisons; docs/convergence.md)."""
 
     adaptive_accumulation: bool = False
-    """After the minimum number of micro-batches of a round, keep accumulating micro-batches
-    until the round in flight has finished, instead of waiting for it. Fast ranks then contribute
-    more micro-batches than slow ones; every micro-batch weighs the same. Mode ``"acco"`` only."""
+    """Keep accumulating micro-batches while the round in flight runs, instead of waiting for it: fast ranks then
+    contribute more micro-batches than slow ones, each weighing the same. For ranks of different speeds; mode
+    ``"acco"`` only; pins the schedule (docs/how-it-works.md)."""
 
     max_micro_batches_per_round: int | None = Field(None, ge=1)
-    """With ``adaptive_accumulation``: the most micro-batches one rank accumulates in one round;
-    past it the rank waits for the round in flight. Default: 2 x ``gradient_accumulation_steps``. Must be at
-    least the larger half's minimum (see ``estimate_fraction``)."""
+    """With ``adaptive_accumulation``: the most micro-batches one rank accumulates in one round (default 2 x
+    ``gradient_accumulation_steps``; at least the larger half's minimum)."""
 
     lr_scaling: Literal["none", "sqrt"] = "none"
-    """With ``adaptive_accumulation``: ``"sqrt"`` multiplies each round's learning rate by ``sqrt(kappa)``, kappa =
-    the round's global micro-batch count over its nominal count (``world_size`` x the minimum micro-batches of
-    the halves it sums: the estimate half's for an estimate round, ``gradient_accumulation_steps`` for a commit),
-    at most ``max_micro_batches_per_round`` over a half's minimum: the square-root rule for Adam-type optimizers
-    when a batch grows kappa times (see ``acco-algorithm.md``, "Learning rate under adaptive accumulation").
-    ``"none"``: every round uses the scheduler's LR."""
+    """With ``adaptive_accumulation``: ``"sqrt"`` multiplies a round's LR by the square root of how much its batch
+    grew over the nominal one, the square-root rule for Adam-type optimizers (``acco-algorithm.md``, "Learning rate
+    under adaptive accumulation"); ``"none"``: the scheduler's LR."""
 
     estimate_compression: Literal["none", "int8"] = "none"
-    """``"int8"``: send the estimate round compressed, the commit exact (see ``acco-algorithm.md``,
-    "Compressed estimate round with an exact commit"): block-wise int8 gradients in an all-to-all,
-    summed in fp32 by their owner, the quantization residual added to the commit half's gradients,
-    and the estimate's all-gather as an int8 update from theta_t. About 1.25x ZeRO-1's bytes per step instead
-    of 2x. Where the launcher puts several ranks on a node the round is node-aware (full precision inside the
-    node, int8 between nodes), so a node's link carries about one int8 buffer whatever the ranks per node.
-    The quantizer runs as fused compiled kernels (eager where compiling fails; ``initialize`` logs which). Only
-    where theta~ lands changes (by at most half a quantization step per element). Mode ``"acco"`` only (dpu has
-    no estimate round). Figures: docs/how-it-works.md, "The compressed estimate round"."""
+    """``"int8"``: send the estimate round as block-wise int8, the commit exact (what quantization loses joins the
+    commit): about 1.25x ZeRO-1's bytes per step instead of 2x, node-aware where ranks share a node. Setting this key
+    (or ``estimate_fraction``) pins the schedule; left out, the automatic schedule may pick it. Mode ``"acco"`` only.
+    How and figures: docs/how-it-works.md, "The compressed estimate round"."""
 
     estimate_fraction: float = Field(0.75, gt=0.0, lt=1.0)
-    """Share of each step's micro-batches computed at the estimate theta~_t (the estimate half); the rest (the
-    commit half) are computed at theta_t. Per rank the estimate half has ``estimate_fraction x
-    gradient_accumulation_steps`` micro-batches, rounded half up, at least 1 and leaving at least 1: with the
-    default 0.75, 3 of 4, 6 of 8, 1 of 2. ``0.5`` is the ACCO paper's equal halves. The commit is exact either
-    way, over the same micro-batches as ZeRO-1's step. Why 0.75: the estimate's error feeds back into the commit
-    with weight ``1 - estimate_fraction`` instead of 1/2, which lifts ACCO's edge of stability, and the estimate
-    is built from more samples; at the 10.8M-parameter ``small`` preset with a 100-step warm-up it ended closer
-    to ZeRO-1 than equal halves in every cell measured (docs/convergence.md, "A larger estimate half"). The cost:
-    the estimate round hides behind the commit half's compute only (a quarter of a step at 0.75), so a
-    full-precision round longer than that is exposed; ``estimate_compression="int8"`` makes that round the short
-    one (``python -m deepspeed_acco.plan``). Mode ``"acco"`` only."""
+    """Share of each step's micro-batches computed at the estimate (rounded half up, at least 1 and leaving 1: 3 of
+    4 at 0.75); the rest are computed at theta_t, and the commit is exact either way. 0.75 converges closer to
+    ZeRO-1 than the paper's equal halves (0.5) but hides the estimate round behind a quarter of a step only.
+    Setting this key (or ``estimate_compression``) pins the schedule; left out, the automatic schedule picks 0.75
+    or 0.5. Mode ``"acco"`` only. Figures: docs/convergence.md, "A larger estimate half"."""
 
     sync_steps: int = Field(0, ge=0)
-    """The first ``sync_steps`` optimizer steps run as ZeRO-1 runs them: all ``gradient_accumulation_steps``
-    micro-batches at theta_t, then one round (reduce-scatter, step, all-gather) that the next step waits for, so
-    its time is exposed. ACCO's two overlapped rounds start after them, from the committed weights, as at the
-    start of training; a checkpoint resumes inside them exactly. For a short LR warm-up: the first steps, where
-    the loss falls fastest and the LR climbs, are where ACCO's estimate spikes and ZeRO-1 does not (its edge of
-    stability is lower); running them synchronously takes that out. Measured on the 10.8M-parameter ``small``
-    preset with a 10-step warm-up, 100 steps, ``sync_steps=10``: -0.85 / -0.17 / +1.31 / +0.29 % from ZeRO-1's
-    held-out loss (world sizes 1 and 2, seeds 1234 and 7) instead of -1.97 / +3.90 / +3.51 / +0.75 % without
-    (docs/convergence.md, "Synchronous first steps"). It costs the overlap of those steps only. 0 (default):
-    ACCO from the first step, as the paper. Mode ``"acco"`` only."""
+    """Run the first ``sync_steps`` optimizer steps as ZeRO-1's synchronous steps, then start ACCO from the
+    committed weights: for a short LR warm-up, where ACCO's estimate can spike and ZeRO-1 does not. It costs the
+    overlap of those steps. Mode ``"acco"`` only. Figures: docs/convergence.md, "Synchronous first steps"."""
 
     estimate: Literal["paper", "extrapolated"] = "extrapolated"
-    """Where the estimate half's gradients are computed. ``"extrapolated"`` (default): theta_t + 1.1 (Opt(theta_t,
-    G~_t) - theta_t) + 0.2 (theta~_t - theta_t), the update stretched by 10 % plus a fifth of the previous
-    estimate's offset: half of every step's gradients then come from a point slightly ahead, whose curvature
-    cancels part of the gradient noise the estimate took (on a noisy quadratic it leaves less excess loss than the
-    paper's estimate, and than ZeRO-1, below the edge of stability; see docs/how-it-works.md). ``"paper"``:
-    theta~_{t+1} = Opt(theta_t, G~_t), the ACCO paper's estimate. Measured in docs/convergence.md: closer to
-    ZeRO-1 than the paper's estimate in every cell measured but one (0.08 points behind it), on models up to 10.8M
-    parameters. The commit is exact either way and no gradient is stale. Mode ``"acco"`` only (dpu has no
-    estimate round)."""
+    """Where the estimate half's gradients are computed: ``"extrapolated"`` (default) theta_t + 1.1 (Opt(theta_t,
+    G~_t) - theta_t) + 0.2 (theta~_t - theta_t), whose curvature cancels part of the estimate's gradient noise;
+    ``"paper"`` Opt(theta_t, G~_t), the ACCO paper's. The commit is exact either way. Mode ``"acco"`` only.
+    Why and figures: docs/how-it-works.md, "Below the edge"."""
 
     compression_block_size: int = 256
-    """Elements per int8 block (one fp32 scale each, ``4 / block`` bytes per element of overhead): a power of two
-    from 16 to 65536, the blocks the fused quantization kernels take."""
+    """Elements per int8 block, each with one fp32 scale (``4 / block`` bytes per element of overhead): a power of
+    two from 16 to 65536, the blocks the fused quantization kernels take."""
 
     grad_accum_dtype: Literal["fp32", "bf16"] = "fp32"
-    """Dtype of the flat buffers that accumulate micro-batch gradients. fp32 by default: long
-    adaptive accumulations drift in bf16."""
+    """Dtype of the flat buffers that accumulate micro-batch gradients: fp32, since long accumulations drift in
+    bf16."""
 
     round_timeout_s: float = Field(600.0, gt=0)
-    """Seconds a round may take before the training thread raises instead of waiting (a dead or
-    stalled peer). Also the timeout of ACCO's own process group."""
+    """Seconds a round may take before the training thread raises instead of waiting (a dead or stalled peer);
+    also the timeout of ACCO's own process group (docs/failures-and-checkpoints.md)."""
 
     allow_untested_optimizer: bool = False
-    """ACCO rolls back an estimate step by copying the optimizer's per-parameter state. That is
-    checked for DeepSpeed's Adam/AdamW/SGD/Adagrad/Lamb/Lion and torch's Adam/AdamW/SGD/Adagrad.
-    Set this to run another optimizer, after checking that its whole state lives in
-    ``optimizer.state`` and ``param_groups``."""
+    """Run an optimizer ACCO has not checked (its estimate step is rolled back by copying the optimizer's state:
+    checked for DeepSpeed's and torch's Adam/AdamW/SGD/Adagrad and DeepSpeed's Lamb/Lion), after checking that its
+    whole state lives in ``optimizer.state`` and ``param_groups``."""
 
     @property
     def automatic_schedule(self) -> bool:
@@ -319,25 +291,18 @@ def warmup_advice(ds_config: Any, acco: AccoConfig, *, client_lr_scheduler: Any 
         return None
     name = scheduler.get("type")
     if name is None:
-        what = "no LR scheduler is configured, so the full LR applies from the first step"
+        what = "no LR scheduler: the full LR from the first step"
     elif name in WARMUP_SCHEDULERS:
         steps = (scheduler.get("params") or {}).get("warmup_num_steps", 1000)
         if not isinstance(steps, int) or steps >= MIN_WARMUP_STEPS:
             return None
-        what = f"scheduler.params.warmup_num_steps={steps} reaches the full LR within {steps} optimizer steps"
+        what = f"scheduler.params.warmup_num_steps={steps} reaches the full LR within {steps} steps"
     else:
         return None
     if name is not None and acco.sync_steps >= steps:
         return None  # the warm-up already runs as ZeRO-1's steps: nothing to advise
-    sync = (f"; or set acco.sync_steps to the warm-up length (now {acco.sync_steps}) so that ACCO starts after "
-            "it (on that model, 10-step warm-up, sync_steps=10: -0.85 to +1.31 %)")
-    return (f"ACCO: {what}. ACCO's estimate lowers the largest stable step below ZeRO-1's (to about 3/4 of it "
-            "with the default acco.estimate_fraction=0.75, to 1/(1+beta1) of it with the paper's equal halves), so "
-            "with a short warm-up its loss can spike where ZeRO-1's does not and end behind it (measured on a "
-            "10.8M-parameter GPT-2 with a 10-step warm-up, 100 steps: from 2 % ahead to 3.9 % behind ZeRO-1's "
-            f"held-out loss, by seed). Set scheduler.params.warmup_num_steps >= {MIN_WARMUP_STEPS} or lower the "
-            "peak LR to keep the run away from that edge (on that model, with a 100-step warm-up, ACCO ended "
-            f"-0.27 to +0.62 % from ZeRO-1){sync}; see docs/how-it-works.md, 'Why ACCO can trail ZeRO-1'.")
+    return (f"ACCO: {what}: ACCO's loss can spike there where ZeRO-1's does not. Set warmup_num_steps >= "
+            f"{MIN_WARMUP_STEPS}, or acco.sync_steps to the warm-up's length; figures: docs/convergence.md")
 
 
 def constant_lr_advice(ds_config: Any, acco: AccoConfig, *, client_lr_scheduler: Any = None) -> str | None:
@@ -355,16 +320,10 @@ def constant_lr_advice(ds_config: Any, acco: AccoConfig, *, client_lr_scheduler:
         return None
     name = scheduler.get("type")
     if name is None:
-        what = "no LR scheduler is configured, so the LR stays constant"
+        what = "no LR scheduler: the LR stays constant"
     elif name == CONSTANT_AFTER_WARMUP:
         what = f"scheduler.type={name} holds the peak LR after its warm-up"
     else:
         return None
-    return (f"ACCO: {what}. At a constant peak LR ACCO's loss levels off above ZeRO-1's late in a run (measured "
-            "on a 10.8M-parameter GPT-2, world size 2, 100 steps at LR 1e-3 after a 10-step warm-up, "
-            "acco.sync_steps=10: +0.78 % behind ZeRO-1's held-out loss on average over five seeds, up to +1.72 %; "
-            "with the LR decaying linearly to 0 after the warm-up the same seeds ended +0.04 % on average, -0.27 to "
-            "+0.51 %; at 3/4 of that LR, held, four seeds ended -0.44 %). Use a scheduler that decays the LR after "
-            "the warm-up (scheduler.type WarmupDecayLR or WarmupCosineLR, total_num_steps the run's length) or "
-            "lower the peak LR; see docs/convergence.md, "
-            "'Five seeds at world size 2, and ACCO's own twin'.")
+    return (f"ACCO: {what}: at a held peak LR ACCO ends behind ZeRO-1. Decay the LR after the warm-up (scheduler "
+            "WarmupDecayLR or WarmupCosineLR, total_num_steps = the run's steps); figures: docs/convergence.md")

@@ -67,24 +67,24 @@ What the measurements and the schedule add to the field descriptions above:
 - `gradient_accumulation_steps` must be at least 2 in mode `"acco"`: each optimizer step is an estimate half
   and a commit half (split by `estimate_fraction`: 3 + 1 of 4 by default), so a committed step consumes exactly
   ZeRO-1's `train_batch_size`.
-- `estimate_fraction`: 0.75 (the default) closed most of the gap to ZeRO-1 that the paper's equal halves leave
-  at the 10.8M-parameter `small` preset with a 100-step warm-up ([Convergence](convergence.md#a-larger-estimate-half)),
-  and costs overlap where a full-precision round is longer than the commit half's compute (a quarter of a step);
-  `python -m deepspeed_acco.plan --compute_s C --round_s M ...` predicts both splits' step times from measured C
-  and M. `0.5` restores the paper's split (the step-time results in [Performance](performance.md) were measured
-  with it).
+- The schedule: leave `estimate_fraction` and `estimate_compression` out and ACCO picks ZeRO-1's step, 0.75 or
+  0.5, plain or int8, from what it measures, and follows the link when it changes
+  ([How it works](how-it-works.md#the-automatic-schedule)); set either key to pin a schedule (reproducible bit for
+  bit). `python -m deepspeed_acco.plan` predicts every schedule's step time from C and M.
+- `estimate_fraction`: 0.75 closed most of the gap to ZeRO-1 that the paper's equal halves leave at the
+  10.8M-parameter `small` preset with a 100-step warm-up ([Convergence](convergence.md#a-larger-estimate-half)),
+  and costs overlap where a full-precision round is longer than the commit half's compute (a quarter of a step).
 - `adaptive_accumulation`: gradients are summed over the ranks and divided by the global micro-batch count,
   so every micro-batch weighs the same however many each rank contributed. It needs `engine.step()` after
   every micro-batch (ACCO decides the boundaries itself).
 - `lr_scaling`: the factor applied to every round is in `StepMetrics.round_lr_factors`. Measured as time to
   target ([Performance](performance.md#time-to-target)): on the tiny model `"sqrt"` did not help (1 of 3
   seeds reached ZeRO-1's loss within the cap at M/C 2), so the default is `"none"`.
-- `estimate_compression`: measured 1.17x ZeRO-1's bytes per step on the wire instead of 2x
-  ([Performance](performance.md)). Turn it on where a ZeRO-1 round is longer than the commit half's compute
-  (M/C above 0.25 with the default split, above 0.5 with equal halves, where it was measured the fastest ACCO
-  variant); on fast links its quantizing CPU made it slower than
-  plain ACCO on the CPU test bed. Held-out loss and tokens to target equal plain ACCO's. In mode `"dpu"` it is
-  ignored with a warning. How it works: [the compressed estimate round](how-it-works.md#the-compressed-estimate-round).
+- `estimate_compression`: `"int8"` where a ZeRO-1 round is longer than the commit half's compute (M/C above 0.25
+  with the default split); its quantizer is one fused kernel per direction, compiled at `initialize`, and where
+  several ranks share a node the round compresses only what crosses the node's link
+  ([How it works](how-it-works.md#the-compressed-estimate-round), [Performance](performance.md)). In mode
+  `"dpu"` it is ignored with a warning.
 - `estimate`: the default `"extrapolated"` computes the estimate half's gradients slightly ahead of the paper's
   estimate (its update x 1.1 plus 0.2 x the previous estimate's offset). It ended closer to ZeRO-1 than the
   paper's estimate in every cell measured but one: the tiny GPT-2 (3 seeds, simulation, and the package's

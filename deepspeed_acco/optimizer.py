@@ -147,7 +147,8 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         for key in ("estimate_compression", "estimate", "estimate_fraction", "sync_steps"):
             if getattr(acco_config, key) != AccoConfig.model_fields[key].default and self._mode != "acco":
                 logger.warning(f"ACCO: acco.{key}={getattr(acco_config, key)!r} is ignored in "
-                               f"acco.mode={self._mode!r} (it has no estimate round)")
+                               f"acco.mode={self._mode!r}, which has no estimate round: remove it; see "
+                               "docs/configuration.md")
         self._shift_estimate = self._round.estimate_shift != ESTIMATE_SHIFTS["paper"]
         self._compress = self._round.compression != "none"
         self._schedule = Schedule(acco_config.estimate_fraction, compression) if self._mode == "acco" else None
@@ -304,11 +305,10 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
             return
         if in_estimate_half and not self._warned_short_steps and not self._synchronous_step():
             self._warned_short_steps = True
-            logger.warning(f"ACCO: the caller ended an optimizer step after {self._step_micro} micro-batch(es), "
-                           f"inside the estimate half (the first {self._half_micro[RoundKind.ESTIMATE]} of "
-                           f"gradient_accumulation_steps={self._ga}): that step waits for its commit round. Fine "
-                           "at the end of an epoch; if every step is this short, set DeepSpeed's "
-                           "gradient_accumulation_steps to the caller's (logged once)")
+            logger.warning(f"ACCO: the caller ended a step after {self._step_micro} of "
+                           f"gradient_accumulation_steps={self._ga} micro-batches, in the estimate half: it waits for "
+                           "its commit. Fine at an epoch's end; if every step is this short, set "
+                           "gradient_accumulation_steps to the caller's (logged once); see docs/how-it-works.md")
         self._direct_commit = in_estimate_half
         self._caller_ended_step = True
         self._commit_pending = True
@@ -325,8 +325,8 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         if direct:  # no estimate exists for the next step: wait for this commit and start again from it
             self._finish_round(self._wait_in_flight())
             self._half_start = time.perf_counter()
-        if self._auto is not None and self._step > self._sync_steps:
-            self._auto_boundary()
+        if self._auto is not None and self._step > self._sync_steps - self._auto.trial_steps:
+            self._auto_boundary()  # with sync_steps, its last steps are the trial of ZeRO-1's step
         self.overflow = False  # decided by the round; the LR scheduler steps once per commit
         if self.metrics.history:
             self._global_grad_norm = self.metrics.history[-1].grad_norm
@@ -505,19 +505,19 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
         (``_raise_if_nonfinite_persists``).
         """
         if result.kind is RoundKind.ESTIMATE:
-            logger.warning(f"ACCO: non-finite gradients (NaN/Inf) in the estimate round of step {result.step + 1}: "
-                           "the estimate was skipped on every rank (the next micro-batches run at the committed "
-                           "weights); the commit round of this step sums the same gradients and will skip it too")
+            logger.warning(f"ACCO: NaN/Inf gradients in the estimate round of step {result.step + 1}: skipped on "
+                           "every rank (the commit of this step sums them and skips too); check the data and the "
+                           "LR; see docs/failures-and-checkpoints.md")
             return
         self._nonfinite_steps += 1
         self._nonfinite_in_a_row += 1
         self._nonfinite_last_step = result.step + 1
         limit = self.max_consecutive_nonfinite_steps
         scaled = bool(self.dynamic_loss_scale)
-        logger.warning(f"ACCO: non-finite gradients (NaN/Inf) in the commit round of step {result.step + 1}: the "
-                       f"step was skipped on every rank, parameters and optimizer state unchanged "
-                       f"({self._nonfinite_steps} step(s) skipped so far, {self._nonfinite_in_a_row} in a row"
-                       + (", the fp16 loss scaler backs off)" if scaled else f"; raising at {limit} in a row)"))
+        logger.warning(f"ACCO: NaN/Inf gradients in the commit round of step {result.step + 1}: skipped on every "
+                       f"rank, weights unchanged ({self._nonfinite_steps} skipped, {self._nonfinite_in_a_row} in a row"
+                       + ("; the fp16 loss scale backs off" if scaled else f"; raising at {limit} in a row")
+                       + "); check the data and the LR; see docs/failures-and-checkpoints.md")
 
     def _raise_if_nonfinite_persists(self) -> None:
         """At a boundary, not in ``flush`` (a checkpoint can still be saved): raise after K skipped steps in a row."""
@@ -544,7 +544,8 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
             # After an estimate the live parameters already are the committed ones.
             self._finish_round(result, load=kind is RoundKind.COMMIT)
         if self._micro:
-            logger.warning(f"ACCO flush: dropping {self._micro} micro-batch(es) accumulated since the last boundary")
+            logger.warning(f"ACCO flush: dropping {self._micro} micro-batch(es) accumulated since the last boundary; "
+                           "flush at a step boundary to keep them; see docs/failures-and-checkpoints.md")
         self._restart_pipeline()
 
     def _restart_pipeline(self) -> None:

@@ -151,10 +151,10 @@ def incompatibility(opt: AccoZeroOptimizer, acco: dict[str, Any] | None) -> str 
                opt._half_micro[RoundKind.COMMIT], opt._world,
                [f.numel() for f in opt.bit16_groups_flat])
     if saved != current:
-        return (f"saved with (acco.mode, acco.estimate_compression, micro-batches of the estimate half and of the "
-                f"commit half [acco.estimate_fraction of gradient_accumulation_steps], world size, flat sizes) "
-                f"{saved}, running {current} (the estimate half and any partial accumulation are dropped; run "
-                f"with the saved values to resume exactly)")
+        differ = [name for name, a, b in zip(("acco.mode", "acco.estimate_compression", "estimate half",
+                                              "commit half", "world size", "flat sizes"), saved, current) if a != b]
+        return (f"{', '.join(differ)} differ from the checkpoint's (saved {saved[:5]}, running {current[:5]}); "
+                "run with the saved values to resume exactly")
     return None
 
 
@@ -176,7 +176,8 @@ def restore_pipeline_state(opt: AccoZeroOptimizer, acco: dict[str, Any] | None) 
             _restore(opt, acco)
         return
     if acco is not None:
-        logger.warning(f"ACCO load: {reason}; the pipeline restarts from the committed parameters")
+        logger.warning(f"ACCO load: {reason}; restarting from the committed weights (partial accumulation "
+                       "dropped); see docs/failures-and-checkpoints.md")
     _shadows_from_live(opt)
 
 

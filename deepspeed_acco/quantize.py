@@ -165,12 +165,15 @@ class Quantizer:
                 self._ready.clear()
                 text = str(err).strip()
                 self.path = "eager"
-                self.reason = f"compiling failed: {type(err).__name__}: {text.splitlines()[0][:160] if text else ''}"
+                self.reason = f"compiling failed: {type(err).__name__}: {text.splitlines()[0][:100] if text else ''}"
             finally:
                 self._preparing = False
         device = examples[0][1][0].device.type if examples else "cpu"
-        return (f"ACCO: int8 quantizer: {self.path} ({self.reason}; {device}, block {self.block}, "
+        line = (f"ACCO: int8 quantizer: {self.path} ({self.reason}; {device}, block {self.block}, "
                 f"{time.perf_counter() - start:.1f} s)")
+        if self.path == "eager" and compile_kernels:
+            line += "; same values, slower: install a C++ compiler (CPU) or triton (GPU); see docs/how-it-works.md"
+        return line
 
     def _whole(self, n: int) -> int:
         """The length of a row's whole blocks."""
@@ -195,7 +198,8 @@ class Quantizer:
                 self.path, self.reason = "eager", f"compiled kernel failed: {type(err).__name__}"
                 if self.warn is not None:
                     self.warn(f"ACCO: int8 quantizer: the compiled {name} kernel raised {type(err).__name__} "
-                              f"({str(err).strip()[:160]}); eager from now on (same values, slower)")
+                              f"({str(err).strip()[:100]}); eager from now on (same values, slower); see "
+                              "docs/how-it-works.md")
         return _KERNELS[name](*args, self.block)
 
     def _eager(self) -> bool:

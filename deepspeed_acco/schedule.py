@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 __all__ = ["Schedule", "SYNC", "PREFERENCE", "TRIALS", "TRIAL_STEPS", "MARGIN", "MIN_GAIN", "DRIFT", "WINDOW",
-           "CHECK_EVERY", "SUMMARY", "Measured", "predict_step_s", "choose", "AutoSchedule"]
+           "CHECK_EVERY", "SWITCH_WITHIN", "SUMMARY", "Measured", "predict_step_s", "choose", "AutoSchedule"]
 
 
 @dataclass(frozen=True)
@@ -114,6 +114,9 @@ class _Step:
 
 CHECK_EVERY = 5
 """After the decision, M / C is compared with the decision's every this many steps."""
+SWITCH_WITHIN = WINDOW + CHECK_EVERY + 3
+"""After M / C moves by more than ``DRIFT``, a new decision comes within this many steps: the window fills with
+the new figures (``WINDOW`` steps, each observed up to two steps late), then the next check comes."""
 SUMMARY = ("step_s", "compute_s", "commit_round_s", "estimate_round_s")
 """What ``local_summary`` gives (medians of the window; NaN where missing), averaged over the ranks by the caller."""
 

@@ -26,7 +26,7 @@ micro-batches since the previous evaluation)."""
 
 ACCO_FIELDS = ("exposed_wait_s", "commit_round_s", "estimate_round_s", "compute_s", "micro_batches_per_rank",
                "micro_batches", "bytes_communicated", "overflow", "grad_norm", "estimate_grad_norm",
-               "round_phases_s")
+               "round_phases_s", "schedule", "decision")
 
 
 def _acco_fields(record: Any | None) -> dict[str, Any]:

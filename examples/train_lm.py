@@ -139,9 +139,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def load_ds_config(args: argparse.Namespace) -> dict[str, Any]:
-    """The DeepSpeed config dict, with ``--lr`` applied."""
+    """The DeepSpeed config dict, with ``--lr`` applied and a decaying LR schedule (``WarmupDecayLR``,
+    ``WarmupCosineLR``) decaying over ``--max_steps``: ACCO matches ZeRO-1 with an LR that decays after its
+    warm-up (docs/convergence.md)."""
     with open(args.deepspeed_config) as fh:
         config: dict[str, Any] = json.load(fh)
+    scheduler = config.get("scheduler", {})
+    if scheduler.get("type") in ("WarmupDecayLR", "WarmupCosineLR"):
+        scheduler.setdefault("params", {})["total_num_steps"] = args.max_steps
     if args.lr is not None:
         config.setdefault("optimizer", {}).setdefault("params", {})["lr"] = args.lr
         sched = config.get("scheduler", {}).get("params", {})

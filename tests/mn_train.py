@@ -33,7 +33,7 @@ import torch  # noqa: E402
 from deepspeed import comm as dist  # noqa: E402
 
 import deepspeed_acco  # noqa: E402
-from tests.workers import HIDDEN, WithLoss, base_config, make_batches, make_model  # noqa: E402
+from tests.workers import HIDDEN, WithLoss, _busy, base_config, make_batches, make_model  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -52,6 +52,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, default=HIDDEN, help="the MLP's width (about 13 x this parameters)")
     parser.add_argument("--iface", default="", help="count this host's bytes sent on it while training (first rank "
                         "of each host)")
+    parser.add_argument("--auto", action="store_true", help="the automatic schedule (the block sets no schedule key)")
+    parser.add_argument("--busy_s", type=float, default=0.0, help="CPU-bound work per micro-batch (a larger C)")
+    parser.add_argument("--shape_at", type=int, default=0, help="after this committed step, each host's first rank "
+                        "limits its eth0 to --shape_mbit (tc tbf, both hosts: a slower link mid-run)")
+    parser.add_argument("--shape_mbit", type=float, default=1.0)
     parser.add_argument("--local_rank", type=int, default=-1, help="set by the DeepSpeed launcher (unused)")
     return parser.parse_args(argv)
 
@@ -65,6 +70,19 @@ def _tx_bytes(iface: str) -> int:
     raise RuntimeError(f"no interface {iface!r} in /proc/net/dev")
 
 
+def _shape(mbit: float) -> None:
+    """Every host's first rank limits its host's eth0 egress to ``mbit`` (as ``tests/netns.py`` shapes), between
+    barriers: the link slows for every rank at the same step boundary."""
+    import subprocess
+
+    dist.barrier()
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+        burst = max(65536, int(mbit * 1e6 / 8 / 250))
+        subprocess.run(["tc", "qdisc", "replace", "dev", "eth0", "root", "tbf", "rate", f"{mbit}mbit", "burst",
+                        str(burst), "latency", "50ms"], check=True, timeout=30)
+    dist.barrier()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Initialise, train ``--steps`` ACCO steps, flush, save this rank's parameters, print the success line."""
     args = parse_args(argv)
@@ -75,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
     rank, world = dist.get_rank(), dist.get_world_size()
     acco = {"enabled": args.method == "acco", "round_timeout_s": args.timeout,
             "estimate_compression": args.compression, "compression_block_size": args.block}
-    cfg = base_config(args.ga, args.lr, acco=acco)
+    if args.auto:
+        acco = {"enabled": True, "round_timeout_s": args.timeout}
+    cfg = base_config(args.ga, args.lr, auto_schedule=args.auto, acco=acco)
     model = make_model(args.seed, args.hidden)
     module = WithLoss(model)
     engine, _, _, _ = deepspeed_acco.initialize(model=module, model_parameters=module.parameters(), config=cfg)
@@ -84,13 +104,20 @@ def main(argv: list[str] | None = None) -> int:
     dist.barrier()
     sent = _tx_bytes(args.iface) if counts_bytes else 0
     i = 0
+    records = []
     while engine.global_steps < args.steps:
         x, y = data[i]
         i += 1
+        if args.busy_s:
+            _busy(args.busy_s)
         loss = engine(x, y)
         engine.backward(loss)
+        before = engine.global_steps
         engine.step()
+        if args.shape_at and before < args.shape_at == engine.global_steps:
+            _shape(args.shape_mbit)
     deepspeed_acco.flush(engine)
+    records = [m.as_dict() for m in deepspeed_acco.pop_metrics(engine)]
     dist.barrier()
     sent = _tx_bytes(args.iface) - sent if counts_bytes else None
     sharded = getattr(engine.optimizer, "_round", None)
@@ -101,7 +128,9 @@ def main(argv: list[str] | None = None) -> int:
                 "global_steps": engine.global_steps, "micro_batches": i,
                 "params": [p.detach().float().clone() for p in model.parameters()], "host_tx_bytes": sent,
                 "layout": (layout.nodes, layout.per_node) if layout is not None else None,
-                "n_params": sum(p.numel() for p in model.parameters())}, out)
+                "n_params": sum(p.numel() for p in model.parameters()),
+                "schedules": [r["schedule"] for r in records],
+                "decisions": [r["decision"] for r in records if r["decision"]]}, out)
     steps = engine.global_steps
     engine.destroy()
     dist.barrier()

@@ -35,6 +35,7 @@ import pytest
 import torch
 
 from deepspeed_acco.plan import int8_estimate_fraction
+from deepspeed_acco.schedule import SWITCH_WITHIN, TRIAL_STEPS, TRIALS
 from tests.acco_reference import reference_train
 from tests.dist_utils import free_port, run_distributed
 from tests.netns import NSRSH, FakeHosts, NetnsUnavailable, cleanup_stale, list_namespaces, netns_pids
@@ -47,6 +48,7 @@ from tests.workers import (
     loss_fn,
     make_batches,
     make_model,
+    replay_schedules,
     train_worker,
 )
 
@@ -383,3 +385,48 @@ def test_node_aware_round_on_two_hosts_of_two_ranks(hosts: FakeHosts, tmp_path: 
           f"({[round(e / formula - 1, 3) for e in estimate]})")
     assert diff < 1e-6 and diff_flat > 10 * diff
     assert all(abs(e / formula - 1) < BYTES_TOL for e in estimate)
+
+
+# -- the automatic schedule on a link that slows down mid-run --------------------------------------------------------
+
+AUTO_STEPS, SHAPE_AT, SLOW_MBIT, BUSY_S = 32, 16, 0.5, 0.005
+
+
+@pytest.mark.multinode
+@pytest.mark.timeout(LAUNCH_TIMEOUT_S + 60)
+def test_automatic_schedule_follows_a_slower_link(hosts: FakeHosts, tmp_path: Path) -> None:
+    """``{"enabled": true}`` alone on 2 fake hosts: the trials (sync, 0.75, 0.75+int8) and a decision at step 9 on
+    the unshaped link; after step 16 each host shapes its link to 0.5 Mbit/s, and a new decision (M/C moved)
+    switches the schedule within ``SWITCH_WITHIN`` steps. Every rank ran the same schedules, and the parameters
+    equal the reference's for the schedule sequence the run recorded (its switches restart the pipeline)."""
+    hostfile = hosts.hostfile(tmp_path / "hostfile")
+    out = str(tmp_path / "auto_{rank}.pt")
+    cmds = [h.cmd([*_deepspeed_cli(), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(h.index),
+                   "--master_addr", hosts.hosts[0].name, "--master_port", "29531", str(SCRIPT), "--out", out,
+                   "--steps", str(AUTO_STEPS), "--ga", str(GA), "--auto", "--busy_s", str(BUSY_S),
+                   "--shape_at", str(SHAPE_AT), "--shape_mbit", str(SLOW_MBIT)]) for h in hosts.hosts]
+    rcs, output, wall = _launch(cmds, _launch_env())
+    print(f"LAUNCH automatic schedule: {wall:.1f} s wall, return codes {rcs}")
+    assert all(rc == 0 for rc in rcs), f"return codes {rcs}\n{output[-6000:]}"
+    saved = [torch.load(out.format(rank=r)) for r in range(WORLD)]
+    schedules, decisions = saved[0]["schedules"], saved[0]["decisions"]
+    print(f"SCHEDULES {schedules}")
+    for d in decisions:
+        print(f"DECISION at step {d['step']}: {d['schedule']} ({d['why']}; M/C {d['m_over_c']}; {d['reason']})")
+    assert len(schedules) == AUTO_STEPS and schedules == saved[1]["schedules"]
+    assert schedules[:9] == [t.name for t in TRIALS for _ in range(TRIAL_STEPS)]
+    assert decisions[0]["step"] == 9 and decisions == saved[1]["decisions"]
+    after = [d for d in decisions if d["step"] > SHAPE_AT]
+    assert after, "no decision after the link slowed"
+    switch = after[0]
+    assert "M/C moved" in switch["why"] and switch["step"] <= SHAPE_AT + SWITCH_WITHIN, switch
+    assert schedules[switch["step"]] != schedules[SHAPE_AT - 1], "the schedule did not change"
+    assert all(torch.equal(a, b) for a, b in zip(saved[0]["params"], saved[1]["params"]))
+    expected = reference_train(make_model(SEED), make_batches(SEED, WORLD, AUTO_STEPS * GA * 6 + 8), loss_fn,
+                               mode="acco", num_steps=AUTO_STEPS, gradient_accumulation_steps=GA, lr=LR,
+                               weight_decay=0.01, max_grad_norm=DEEPSPEED_DEFAULT_CLIP,
+                               estimate_shift=DEFAULT_ESTIMATE_SHIFT, estimate_compression="int8", block=256,
+                               **replay_schedules(schedules, WORLD, GA))
+    diff = max(float((a - b).abs().max()) for a, b in zip(saved[0]["params"], expected.values()))
+    print(f"PARITY automatic schedule vs the reference of its recorded schedules: {diff:.3e}")
+    assert diff < TOL

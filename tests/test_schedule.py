@@ -5,7 +5,7 @@
 - ``choose`` picks the fastest schedule the planner predicts, or a more preferred one within ``MARGIN`` of it,
   and ZeRO-1's step unless an ACCO schedule beats it by ``MIN_GAIN``, across M / C from 0 to 4;
 - ``AutoSchedule`` tries sync, 0.75 and 0.75+int8 for ``TRIAL_STEPS`` steps each, decides at step 9, keeps the
-  decision while M / C holds, decides again within ``WINDOW + CHECK_EVERY`` steps when the link slows, and a
+  decision while M / C holds, decides again within ``SWITCH_WITHIN`` steps when the link slows, and a
   state round-trip (a checkpoint) resumes the same decisions.
 """
 
@@ -17,14 +17,13 @@ import pytest
 
 from deepspeed_acco.plan import Timing, step_time_s
 from deepspeed_acco.schedule import (
-    CHECK_EVERY,
     MARGIN,
     MIN_GAIN,
     PREFERENCE,
+    SWITCH_WITHIN,
     SYNC,
     TRIAL_STEPS,
     TRIALS,
-    WINDOW,
     AutoSchedule,
     Schedule,
     choose,
@@ -100,7 +99,7 @@ def _run(auto: AutoSchedule, steps: range, link: dict[int, tuple[float, float, f
 
 def test_trials_decision_and_a_slower_link() -> None:
     """Trials in order, the decision at step 9 (0.75 on a fast link), no change while the link holds, a new
-    decision within WINDOW + CHECK_EVERY steps once the link slows (to the int8 estimate), and a checkpoint of
+    decision within SWITCH_WITHIN steps once the link slows (to the int8 estimate), and a checkpoint of
     the state resumes identically."""
     auto = AutoSchedule()
     fast, slow = (1.0, 0.1, 0.03), (1.0, 0.6, 0.18)
@@ -113,7 +112,7 @@ def test_trials_decision_and_a_slower_link() -> None:
     saved = copy.deepcopy(auto.state_dict())
     ran = _run(auto, range(31, 61), {31: slow})
     switch = ran.index("0.75+int8")
-    assert 0 < switch <= WINDOW + CHECK_EVERY
+    assert 0 < switch <= SWITCH_WITHIN
     assert auto.decisions[-1]["schedule"] == "0.75+int8" and "M/C moved" in auto.decisions[-1]["why"]
     assert set(ran[switch:]) == {"0.75+int8"}
     resumed = AutoSchedule()

@@ -347,3 +347,21 @@ def train_tiny_lm(rank: int, world_size: int, config: dict[str, Any], steps: int
         engine.step()
     deepspeed_acco.flush(engine)
     return engine, model, corpus, args, i
+
+
+def replay_schedules(schedules: list[str], world: int, ga: int) -> dict[str, Any]:
+    """The reference's arguments (``step_rounds``, ``compressed_steps``, ``restart_after``) for the schedule each
+    committed step ran (``StepMetrics.schedule``: ``sync``, ``0.75``, ``0.5+int8``...): a switch restarts the
+    pipeline after the step before it, a sync step is one round of ``ga`` micro-batches."""
+    from deepspeed_acco.split import split_micro_batches
+
+    rounds: list[list[list[int]]] = []
+    for name in schedules:
+        if name == "sync":
+            rounds.append([[ga] * world])
+        else:
+            estimate, commit = split_micro_batches(ga, float(name.split("+")[0]))
+            rounds.append([[estimate] * world, [commit] * world])
+    return {"step_rounds": rounds,
+            "compressed_steps": [t for t, name in enumerate(schedules) if name.endswith("+int8")],
+            "restart_after": [t for t in range(len(schedules) - 1) if schedules[t] != schedules[t + 1]]}
