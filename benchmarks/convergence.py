@@ -41,13 +41,21 @@ METHODS = {"zero1": ("zero1.json", {}), "acco": ("acco.json", {}), "dpu": ("dpu.
            "acco_split": ("acco.json", {"estimate": "extrapolated", "estimate_fraction": 0.75}),
            "acco_paper_split": ("acco.json", {"estimate": "paper", "estimate_fraction": 0.75}),
            "acco_sync10": ("acco.json", {"sync_steps": 10}),
-           "acco_paper_sync10": ("acco.json", {"estimate": "paper", "estimate_fraction": 0.75, "sync_steps": 10})}
+           "acco_paper_sync10": ("acco.json", {"estimate": "paper", "estimate_fraction": 0.75, "sync_steps": 10}),
+           "acco_auto": ("acco.json", {})}
 """Method -> (ds_configs file, overrides of its "acco" block). ``acco_extrapolated`` and ``acco_paper`` split every
 step into equal halves (``estimate_fraction`` 0.5, as every run before 0.75 became the default); ``acco_split`` is
 the default written out; ``acco_sync10`` is the default with ``sync_steps`` 10 (the first 10 steps ZeRO-1's), and
-``acco_paper_sync10`` the same with the paper's estimate (whose edge of stability is ZeRO-1's at this split). Any
-method also runs as ``<method>_twin`` (``zero1_twin``, ``acco_sync10_twin``): the same config from perturbed initial
-weights (``--perturb_init 1e-6``)."""
+``acco_paper_sync10`` the same with the paper's estimate (whose edge of stability is ZeRO-1's at this split);
+``acco_auto`` the automatic schedule (the block with ``enabled`` only). Any method also runs as ``<method>_twin``
+(``zero1_twin``, ``acco_sync10_twin``): the same config from perturbed initial weights (``--perturb_init 1e-6``).
+
+The study keeps the conditions its records were measured under, whatever ``ds_configs`` say today: the LR held
+after its warm-up (``WarmupLR``) unless ``--decay``, ``sync_steps`` only where the method sets it, and every method
+but ``acco_auto`` on a pinned schedule (``estimate_fraction`` 0.75 unless the method sets its own)."""
+
+PINNED = {"estimate_fraction": 0.75}
+SCHEDULE_KEYS = ("estimate_fraction", "estimate_compression")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -80,10 +88,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def _config(method: str, args: argparse.Namespace, directory: Path) -> Path:
-    name, acco_extra = METHODS[method.removesuffix("_twin")]
+    base = method.removesuffix("_twin")
+    name, acco_extra = METHODS[base]
     config = json.loads((ROOT / "ds_configs" / name).read_text())
-    if acco_extra:
+    if "acco" in config:  # the block as the study's records had it: enabled, mode, and the method's keys
+        config["acco"] = {k: v for k, v in config["acco"].items() if k in ("enabled", "mode")}
         config["acco"].update(acco_extra)
+        pinned = not set(SCHEDULE_KEYS) & config["acco"].keys() and config["acco"].get("mode", "acco") == "acco"
+        if base != "acco_auto" and pinned:
+            config["acco"].update(PINNED)
+    params = {k: v for k, v in config["scheduler"]["params"].items() if k != "total_num_steps"}
+    config["scheduler"] = {"type": "WarmupLR", "params": params}
     if args.warmup is not None:
         config["scheduler"]["params"]["warmup_num_steps"] = args.warmup
     if args.ga is not None:

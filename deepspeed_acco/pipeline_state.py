@@ -151,10 +151,11 @@ def incompatibility(opt: AccoZeroOptimizer, acco: dict[str, Any] | None) -> str 
                opt._half_micro[RoundKind.COMMIT], opt._world,
                [f.numel() for f in opt.bit16_groups_flat])
     if saved != current:
-        differ = [name for name, a, b in zip(("acco.mode", "acco.estimate_compression", "estimate half",
-                                              "commit half", "world size", "flat sizes"), saved, current) if a != b]
-        return (f"{', '.join(differ)} differ from the checkpoint's (saved {saved[:5]}, running {current[:5]}); "
-                "run with the saved values to resume exactly")
+        names = ("acco.mode", "acco.estimate_compression", "acco.estimate_fraction/gradient_accumulation_steps",
+                 "acco.estimate_fraction/gradient_accumulation_steps", "world size", "the model's flat sizes")
+        differ = list(dict.fromkeys(name for name, a, b in zip(names, saved, current) if a != b))
+        return (f"{', '.join(differ)} differ from the checkpoint's (saved {saved[:5]}, now {current[:5]}); "
+                "use the saved values to resume exactly")
     return None
 
 
@@ -176,8 +177,8 @@ def restore_pipeline_state(opt: AccoZeroOptimizer, acco: dict[str, Any] | None) 
             _restore(opt, acco)
         return
     if acco is not None:
-        logger.warning(f"ACCO load: {reason}; restarting from the committed weights (partial accumulation "
-                       "dropped); see docs/failures-and-checkpoints.md")
+        logger.warning(f"ACCO load: {reason}; restarting from the committed weights; see "
+                       "docs/failures-and-checkpoints.md")
     _shadows_from_live(opt)
 
 

@@ -178,26 +178,43 @@ class AutoSchedule:
         return Measured(*summary[:3], estimate_round_s=None if math.isnan(summary[3]) else summary[3])
 
     def _predict(self, fresh: Measured | None) -> dict[Schedule, float]:
-        """Every candidate's step. At the end of the trials: measured where it was tried, the model from the
-        trials' C, M and M8 elsewhere. Later (``fresh``: the schedule that runs now): the model from today's C and
-        M, the int8 round scaled with M since it was measured (the link moved, the bytes did not)."""
-        int8 = self.measured.get("0.75+int8") or self.measured.get("0.5+int8")
+        """Every candidate's step.
+
+        At the end of the trials (``fresh`` None): measured where it was tried. An untried split is predicted by
+        the model from the tried schedule of the same round (plain or int8): its C, M and M8 (on a shared core C
+        depends on the round's own CPU), scaled by that schedule's measured step over its modelled one (the
+        overheads the model leaves out). Later (``fresh``: the schedule that runs now, at today's M / C): the model
+        from today's C and M, the int8 round scaled with M since it was measured (the link moved, the bytes did
+        not), every prediction scaled by the running schedule's measured step over its modelled one.
+        """
+        def figures(m: dict[str, Any] | Measured | None) -> tuple[float, float, float] | None:
+            if m is None:
+                return None
+            m = Measured(**m) if isinstance(m, dict) else m
+            return m.compute_s, m.commit_round_s, m.estimate_round_s or m.commit_round_s
+
         if fresh is None:
-            base = self.measured.get("0.75") or self.measured.get("0.5") or int8 or self.measured["sync"]
-            c, m = base["compute_s"], base["commit_round_s"]
-        else:
-            c, m = fresh.compute_s, fresh.commit_round_s
-        if fresh is not None and self.current.compression == "int8" and fresh.estimate_round_s is not None:
+            out = {Schedule.from_name(name): f["step_s"] for name, f in self.measured.items()}
+            for tried, untried in ((Schedule(0.75), Schedule(0.5)), (Schedule(0.75, "int8"), Schedule(0.5, "int8"))):
+                known = figures(self.measured.get(tried.name))
+                if untried not in out and known is not None:
+                    scale = out[tried] / max(predict_step_s(tried, *known), 1e-9)
+                    out[untried] = predict_step_s(untried, *known) * scale
+            base = figures(self.measured.get("0.75") or self.measured.get("sync"))
+            for schedule in (SYNC, *PREFERENCE):
+                if schedule not in out and base is not None:
+                    out[schedule] = predict_step_s(schedule, *base)
+            return out
+        c, m = fresh.compute_s, fresh.commit_round_s
+        int8 = self.measured.get("0.75+int8") or self.measured.get("0.5+int8")
+        if self.current.compression == "int8" and fresh.estimate_round_s is not None:
             m8 = fresh.estimate_round_s
         elif int8 is not None and int8.get("estimate_round_s") is not None:
-            m8 = int8["estimate_round_s"] * (m / max(int8["commit_round_s"], 1e-9) if fresh is not None else 1.0)
+            m8 = int8["estimate_round_s"] * m / max(int8["commit_round_s"], 1e-9)
         else:
             m8 = m
-        out = {s: predict_step_s(s, c, m, m8) for s in (SYNC, *PREFERENCE)}
-        if fresh is None:
-            for name, figures in self.measured.items():
-                out[Schedule.from_name(name)] = figures["step_s"]
-        return out
+        scale = fresh.step_s / max(predict_step_s(self.current, c, m, m8), 1e-9)
+        return {s: predict_step_s(s, c, m, m8) * scale for s in (SYNC, *PREFERENCE)}
 
     def _decide(self, step: int, fresh: Measured | None, why: str) -> Schedule:
         predicted = self._predict(fresh)
@@ -206,7 +223,9 @@ class AutoSchedule:
         self.ratio_at_decision = base.commit_round_s / max(base.compute_s, 1e-9)
         self.decisions.append({"step": step, "schedule": schedule.name, "why": why, "reason": reason,
                                "m_over_c": round(self.ratio_at_decision, 3),
-                               "predicted_s": {s.name: round(t, 4) for s, t in predicted.items()}})
+                               "predicted_s": {s.name: round(t, 4) for s, t in predicted.items()},
+                               "measured": {name: {k: None if v is None else round(v, 4) for k, v in f.items()}
+                                            for name, f in self.measured.items()}})
         self.chosen = schedule
         return self._switch(schedule, step)
 

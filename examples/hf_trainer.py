@@ -70,6 +70,9 @@ def hf_deepspeed_config(config: dict[str, Any]) -> tuple[dict[str, Any], dict[st
         if leaf in node and node[leaf] != "auto":
             kwargs[field] = node[leaf]
             node[leaf] = "auto"
+    schedule = hf.get("scheduler", {}).get("params", {})
+    if "total_num_steps" in schedule:  # a decaying LR: over the Trainer's steps (it fills "auto" with them)
+        schedule["total_num_steps"] = "auto"
     betas = hf.get("optimizer", {}).get("params", {}).get("betas")
     if isinstance(betas, list):
         kwargs["adam_beta1"], kwargs["adam_beta2"] = betas
