@@ -189,7 +189,7 @@ class AccoZeroOptimizer(DeepSpeedZeroOptimizer):
     def _node_layout(self, ranks: list[int]) -> NodeLayout | None:
         """Where ranks share a node, the compressed rounds go node-aware (``topology.py``); the groups it needs."""
         def agree(g: int) -> tuple[int, int]:
-            values = torch.tensor([g, -g], dtype=torch.int64)
+            values = torch.tensor([g, -g], dtype=torch.int64, device=self.bit16_groups_flat[0].device)
             torch_dist.all_reduce(values, op=torch_dist.ReduceOp.MIN, group=self._acco_group)
             return int(values[0]), -int(values[1])
 

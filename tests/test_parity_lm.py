@@ -1,8 +1,9 @@
 """Parity at a scale where the schedule's effects show: the main job's GPT-2 against the reference.
 
 Two gloo ranks train ``examples/train_lm.py``'s tiny GPT-2 (446k parameters, sequences of 64 byte tokens,
-micro-batches of 8, its data shards and initialization) with ``ds_configs/acco.json`` as it is (AdamW betas
-0.9/0.95, weight decay 0.1, gradient clipping 1.0, WarmupLR) for 6 committed steps; the single-process
+micro-batches of 8, its data shards and initialization) with ``ds_configs/acco.json`` (AdamW betas 0.9/0.95,
+weight decay 0.1, gradient clipping 1.0, the LR's warm-up; without its ``sync_steps``, which would make these 6
+steps ZeRO-1's, on the pinned default schedule) for 6 committed steps; the single-process
 reference (``tests/acco_reference.py``) computes the same schedule from the same inputs. A change that
 breaks the schedule beyond toy MLPs (which half a gradient is computed at, how the estimate is formed, the
 LR of a round, clipping) shows here. About 30 s.
@@ -23,6 +24,13 @@ from tests.workers import DEFAULT_ESTIMATE_HALF, DEFAULT_ESTIMATE_SHIFT, ds_conf
 STEPS, SEQ = 6, 64
 
 
+def _config(method: str) -> dict[str, Any]:
+    """ds_configs/<method>.json, ACCO's block without sync_steps (6 synchronous steps would be ZeRO-1's)."""
+    config = ds_config(f"{method}.json")
+    config.get("acco", {}).pop("sync_steps", None)
+    return config
+
+
 def lm_worker(rank: int, world: int, config: dict[str, Any]) -> dict[str, Any]:
     """Train the tiny GPT-2 for STEPS committed steps through the public API; return its parameters."""
     engine, model, _, _, micro_batches = train_tiny_lm(rank, world, config, STEPS, SEQ)
@@ -33,7 +41,7 @@ def lm_worker(rank: int, world: int, config: dict[str, Any]) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def runs() -> dict[str, list[Any]]:
-    jobs = {"acco": ds_config("acco.json"), "zero1": ds_config("zero1.json")}
+    jobs = {"acco": _config("acco"), "zero1": _config("zero1")}
     results = run_distributed(run_jobs_isolated, 2, lm_worker, [(c,) for c in jobs.values()], timeout_s=280)
     return {name: [r[j] for r in results] for j, name in enumerate(jobs)}
 
@@ -46,13 +54,13 @@ def test_gpt2_matches_reference(runs: dict[str, list[Any]], method: str, mode: s
     result = job_result(runs, method)
     train_lm, args = tiny_lm(SEQ)
     corpus = train_lm.build_corpus(args)
-    config = ds_config(f"{method}.json")
+    config = _config(method)
     micro, ga = config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]
     shards = [train_lm.ShardedWindows(corpus.train, SEQ, micro, r, 2, args.seed) for r in range(2)]
     batches = [[(shard[i], shard[i]) for i in range(result[0]["micro_batches"])] for shard in shards]
     opt, sched = config["optimizer"]["params"], config["scheduler"]["params"]
 
-    def lr(t: int) -> float:  # WarmupLR (linear from 0), stepped once per committed step
+    def lr(t: int) -> float:  # the warm-up (linear from 0), stepped once per committed step; 6 steps < warm-up
         return sched["warmup_max_lr"] * min(1.0, max(0, t - 1) / sched["warmup_num_steps"])
 
     model = LogitsOf(train_lm.build_model(args, corpus.vocab_size, corpus.eot_id))
