@@ -20,7 +20,7 @@ _EXPORTS = {
     "initialize": "integration", "install": "integration", "is_installed": "integration",
     "pop_metrics": "integration", "uninstall": "integration",
     "StepMetrics": "metrics",
-    "AccoNonFiniteGradients": "optimizer", "AccoZeroOptimizer": "optimizer",
+    "AccoNonFiniteGradients": "nonfinite", "AccoZeroOptimizer": "optimizer",
     "AccoRoundError": "pipeline", "AccoRoundTimeout": "pipeline",
     "AccoTerminated": "signals",
 }

@@ -20,14 +20,123 @@ returns the parameter objects themselves.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from deepspeed_acco.optimizer import AccoZeroOptimizer
+from deepspeed_acco.pipeline import RoundKind
 
-__all__ = ["install_committed_reads"]
+if TYPE_CHECKING:
+    from deepspeed_acco.optimizer import AccoZeroOptimizer
+
+__all__ = ["CommittedWeights", "install_committed_reads"]
+
+
+class CommittedWeights:
+    """``AccoZeroOptimizer``'s reads of the committed weights: where they are, and putting them into the model.
+
+    A finished commit round holds them in the shadow flats (the live ones are then the next estimate, or the
+    previous step in dpu mode); otherwise the live flats are the committed ones. Uses the optimizer's
+    ``bit16_groups_flat`` (live), ``_shadows``, ``_in_flight`` and ``_timeout_s``.
+    """
+
+    bit16_groups_flat: list[torch.Tensor]
+    _shadows: list[torch.Tensor]
+    _in_flight: Any
+    _timeout_s: float
+    _live_backup: list[torch.Tensor] | None = None
+    _committed_in_model: bool = False
+
+
+
+    def drain(self) -> None:
+        """Wait for the round in flight without consuming it; training is not disturbed.
+
+        The next boundary finishes the round as it would have (loads its parameters, accounts it).
+        Afterwards the master shards and the base optimizer state are the committed ones and
+        ``committed_flats()`` holds the committed bit16 parameters.
+
+        Raises:
+            AccoRoundError: the round in flight failed or timed out.
+        """
+        if self._in_flight is not None:
+            self._in_flight.wait(self._timeout_s)
+
+    def committed_flats(self) -> list[torch.Tensor]:
+        """The flat bit16 parameters of the last committed step (valid after ``drain``).
+
+        A finished commit round holds them in the shadow flats (the live ones are then the next
+        estimate, or the previous step in dpu mode); otherwise the live flats are the committed ones.
+        """
+        handle = self._in_flight
+        if handle is not None and handle.spec.kind is RoundKind.COMMIT:
+            return self._shadows
+        return self.bit16_groups_flat
+
+    @property
+    def committed_in_model(self) -> bool:
+        """Whether the model holds the committed weights in place of the live ones (see ``enter_committed``)."""
+        return self._committed_in_model
+
+    def enter_committed(self) -> None:
+        """Drain, then put the committed weights into the model; the live ones wait aside until ``leave_committed``.
+
+        For reads from outside a training step (evaluation, a save). No training may happen in between:
+        ``AccoEngine.backward`` refuses it.
+        """
+        if self._committed_in_model:
+            return
+        self.drain()
+        committed = self.committed_flats()
+        if committed is not self.bit16_groups_flat:
+            self._live_backup = [flat.clone() for flat in self.bit16_groups_flat]
+            for live, src in zip(self.bit16_groups_flat, committed):
+                live.copy_(src)
+        self._committed_in_model = True
+
+    def leave_committed(self) -> None:
+        """Put the live weights back (after ``enter_committed``); training continues bit for bit."""
+        if not self._committed_in_model:
+            return
+        if self._live_backup is not None:
+            for live, backup in zip(self.bit16_groups_flat, self._live_backup):
+                live.copy_(backup)
+            self._live_backup = None
+        self._committed_in_model = False
+
+    @contextlib.contextmanager
+    def committed_parameters_loaded(self) -> Iterator[None]:
+        """Drain; inside, the model's parameters are the committed ones; afterwards as they were before.
+
+        ``AccoEngine.save_checkpoint`` saves inside it, so the checkpoint's module weights match the
+        optimizer's master weights, and training after the save continues bit for bit as without it.
+        """
+        entered = not self._committed_in_model
+        self.enter_committed()
+        try:
+            yield
+        finally:
+            if entered:
+                self.leave_committed()
+
+    def committed_copy(self, tensor: torch.Tensor) -> torch.Tensor | None:
+        """A copy of the committed value of a tensor that views a live model parameter (a ``state_dict``
+        entry); None when the tensor is no such view or the live weights are the committed ones."""
+        if self._committed_in_model or isinstance(tensor, torch.nn.Parameter):
+            return None
+        self.drain()
+        committed = self.committed_flats()
+        if committed is self.bit16_groups_flat:
+            return None
+        for live, src in zip(self.bit16_groups_flat, committed):
+            start = (tensor.data_ptr() - live.data_ptr()) // live.element_size()
+            if tensor.dtype == live.dtype and tensor.is_contiguous() and 0 <= start and \
+                    start + tensor.numel() <= live.numel() and tensor.device == live.device:
+                return src.narrow(0, start, tensor.numel()).view_as(tensor).clone()
+        return None
 
 
 class _StateDictHook:

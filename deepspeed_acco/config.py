@@ -267,6 +267,18 @@ def check_deepspeed_config(ds_config: Any, acco: AccoConfig, *, client_optimizer
         raise AccoConfigError("acco.enabled=true does not support compile.deepcompile; set it to false")
 
 
+def ignored_keys_advice(ds_config: Any, acco: AccoConfig, *, client_lr_scheduler: Any = None) -> str | None:
+    """The estimate round's keys set in mode ``"dpu"``, which has no estimate round (logged at ``initialize``)."""
+    if acco.mode == "acco":
+        return None
+    keys = [k for k in ("estimate_compression", "estimate", "estimate_fraction", "sync_steps")
+            if getattr(acco, k) != AccoConfig.model_fields[k].default]
+    if not keys:
+        return None
+    return (f"ACCO: {', '.join(f'acco.{k}={getattr(acco, k)!r}' for k in keys)} ignored in acco.mode="
+            f"{acco.mode!r}, which has no estimate round: remove them; see docs/configuration.md")
+
+
 def _judged_scheduler(ds_config: Any, acco: AccoConfig, client_lr_scheduler: Any) -> dict[str, Any] | None:
     """The config's ``scheduler`` block ({} without one) for the LR-schedule advice, or None when it is not judged:
     no estimate round (DPU), or a scheduler passed to ``initialize`` (the HF Trainer's)."""
@@ -278,7 +290,7 @@ def _judged_scheduler(ds_config: Any, acco: AccoConfig, client_lr_scheduler: Any
 def warmup_advice(ds_config: Any, acco: AccoConfig, *, client_lr_scheduler: Any = None) -> str | None:
     """Why this run may end behind ZeRO-1 and what to change, or None (logged as a warning at ``initialize``).
 
-    ACCO's estimate lowers the largest stable step below ZeRO-1's (``benchmarks/estimate_stability.py``: to
+    ACCO's estimate lowers the largest stable step below ZeRO-1's (``studies/estimate_stability.py``: to
     ``1 / (1 + beta1)`` of it with the paper's equal halves, about 3/4 with the default split). A run that
     reaches its full LR within a few steps meets that edge early, while the weights still change fast: ACCO's
     loss spikes where ZeRO-1's does not and stays behind. Nothing is refused; the fix is a longer warm-up (or a

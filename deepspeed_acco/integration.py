@@ -37,6 +37,7 @@ from deepspeed_acco.config import (
     check_raw_config,
     constant_lr_advice,
     get_acco_config,
+    ignored_keys_advice,
     warmup_advice,
 )
 from deepspeed_acco.metrics import StepMetrics
@@ -75,7 +76,7 @@ class AccoEngine(DeepSpeedEngine):
         super()._do_sanity_check()
         self._acco = get_acco_config(self._config._param_dict)
         check_deepspeed_config(self._config, self._acco, client_optimizer=self.client_optimizer)
-        for advise in (warmup_advice, constant_lr_advice):
+        for advise in (warmup_advice, constant_lr_advice, ignored_keys_advice):
             advice = advise(self._config, self._acco, client_lr_scheduler=self.client_lr_scheduler)
             if advice is not None:
                 log_dist(advice, ranks=[0], level=logging.WARNING)

@@ -93,6 +93,35 @@ class MetricsLog:
             self._open[step] = StepMetrics(step=step + 1)
         return self._open[step]
 
+    def launched(self, step: int, compute_s: float, schedule: str, step_s: float | None) -> None:
+        """A boundary of ``step`` launched a round after ``compute_s`` of compute (``step_s``: a commit's, the
+        time since the previous commit boundary)."""
+        record = self.open(step)
+        record.compute_s += compute_s
+        record.schedule = schedule
+        if step_s is not None:
+            record.step_s = step_s
+
+    def account(self, result: Any, estimate: bool) -> StepMetrics:
+        """Add a finished round (``pipeline.RoundResult``) to its step's record; return the record."""
+        record = self.open(result.step)
+        record.bytes_communicated += result.bytes_sent
+        record.micro_batches_per_rank = [a + b for a, b in zip(record.micro_batches_per_rank, result.counts)] \
+            if record.micro_batches_per_rank else list(result.counts)
+        record.round_counts.append(list(result.counts))
+        record.round_lr_factors.append(result.lr_factor)
+        record.round_phases_s = {k: record.round_phases_s.get(k, 0.0) + v for k, v in result.phase_s.items()}
+        record.round_phases_cpu_s = {k: record.round_phases_cpu_s.get(k, 0.0) + v
+                                     for k, v in result.phase_cpu_s.items()}
+        if estimate:
+            record.estimate_round_s = result.duration_s
+            record.estimate_grad_norm = result.grad_norm
+        else:
+            record.commit_round_s = result.duration_s
+            record.overflow = result.overflow
+            record.grad_norm = result.grad_norm
+        return record
+
     def close(self, step: int) -> None:
         """Mark a step committed: its record becomes readable."""
         record = self._open.pop(step)

@@ -105,8 +105,8 @@ def save_pipeline_state(opt: AccoZeroOptimizer) -> dict[str, Any]:
         "step_micro": opt._step_micro,
         "commit_pending": opt._commit_pending,
         "next_kind": opt._next_kind.value,
-        "nonfinite_steps": opt._nonfinite_steps,
-        "nonfinite_in_a_row": opt._nonfinite_in_a_row,
+        "nonfinite_steps": opt._nonfinite.total,
+        "nonfinite_in_a_row": opt._nonfinite.in_a_row,
         "live": _saved_partitions(opt, live),
         "pending": pending,
         "carried": [t.detach().cpu().clone() for t in carried] if carried is not None else None,
@@ -217,8 +217,8 @@ def _restore(opt: AccoZeroOptimizer, acco: dict[str, Any]) -> None:
     opt._next_kind = RoundKind(acco["next_kind"])
     opt._step = acco["step"]
     opt._round_index = acco["round_index"]
-    opt._nonfinite_steps = acco.get("nonfinite_steps", 0)
-    opt._nonfinite_in_a_row = acco.get("nonfinite_in_a_row", 0)
+    opt._nonfinite.total = acco.get("nonfinite_steps", 0)
+    opt._nonfinite.in_a_row = acco.get("nonfinite_in_a_row", 0)
     for record in acco["open_metrics"]:
         opt.metrics._open[record["step"] - 1] = StepMetrics(**record)
     opt.loaded_acco_state = True
@@ -280,7 +280,59 @@ def after_checkpoint_load(opt: AccoZeroOptimizer, global_steps: int) -> None:
                            f"{global_steps}")
         return
     discard_pipeline(opt)
-    opt._nonfinite_in_a_row = 0
+    opt._nonfinite.in_a_row = 0
     opt._step = global_steps
     opt._round_index = global_steps * (2 if opt._mode == "acco" else 1)
     _shadows_from_live(opt)
+
+
+class CheckpointedPipeline:
+    """``AccoZeroOptimizer``'s checkpoint methods: ZeRO-1's, plus ACCO's pipeline state (this module's functions).
+    ``AccoEngine.load_checkpoint`` calls ``before_checkpoint_load`` and ``after_checkpoint_load`` around
+    DeepSpeed's load."""
+
+    _rank: int
+
+    def state_dict(self) -> dict[str, Any]:
+        """ZeRO-1's state dict of the committed state, plus ACCO's pipeline state under ``"acco"``.
+
+        Drains the round in flight first; does not disturb training (unlike ``flush``). DeepSpeed's
+        own loaders (plain ZeRO-1, ``zero_to_fp32``) ignore the extra key. What it holds: ``pipeline_state``.
+        """
+        self.drain()
+        state = super().state_dict()
+        state[ACCO_STATE_KEY] = save_pipeline_state(self)  # type: ignore[arg-type]
+        return state
+
+    def load_state_dict(self, state_dict_list: Any, load_optimizer_states: bool = True,
+                        load_from_fp32_weights: bool = False, checkpoint_folder: Any = None,
+                        load_serial: Any = None, param_shapes: Any = None) -> None:
+        """ZeRO-1's loader, then ACCO's pipeline state when the checkpoint has one.
+
+        Collective (all-gathers the saved parameter partitions on ACCO's group): every rank calls
+        it, as ``engine.load_checkpoint`` does. Without ACCO state (a plain ZeRO-1 checkpoint, a
+        universal checkpoint, another mode or GA) the pipeline restarts from the loaded parameters.
+        """
+        discard_pipeline(self)  # type: ignore[arg-type]
+        super().load_state_dict(state_dict_list, load_optimizer_states=load_optimizer_states,
+                                load_from_fp32_weights=load_from_fp32_weights,
+                                checkpoint_folder=checkpoint_folder, load_serial=load_serial,
+                                param_shapes=param_shapes)
+        own = state_dict_list[self._rank] if state_dict_list and not checkpoint_folder else None
+        acco = own.get(ACCO_STATE_KEY) if isinstance(own, dict) and load_optimizer_states else None
+        restore_pipeline_state(self, acco)  # type: ignore[arg-type]
+
+    def before_checkpoint_load(self) -> None:
+        """Called by ``AccoEngine.load_checkpoint`` before DeepSpeed's load: wait for the round in flight.
+
+        Nothing else changes here, so a load that finds no checkpoint leaves training as it was.
+        """
+        before_checkpoint_load(self)  # type: ignore[arg-type]
+
+    def after_checkpoint_load(self, global_steps: int) -> None:
+        """Called by ``AccoEngine.load_checkpoint`` after a load: without ACCO state, restart the pipeline.
+
+        It restarts from the loaded parameters, at the engine's ``global_steps`` (a plain ZeRO-1
+        checkpoint, ``load_module_only``, ``load_optimizer_states=False``).
+        """
+        after_checkpoint_load(self, global_steps)  # type: ignore[arg-type]

@@ -23,11 +23,13 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 __all__ = ["Schedule", "SYNC", "PREFERENCE", "TRIALS", "TRIAL_STEPS", "MARGIN", "MIN_GAIN", "DRIFT", "WINDOW",
-           "CHECK_EVERY", "SWITCH_WITHIN", "SUMMARY", "Measured", "predict_step_s", "choose", "AutoSchedule"]
+           "CHECK_EVERY", "SWITCH_WITHIN", "SUMMARY", "Measured", "predict_step_s", "choose", "AutoSchedule",
+           "ScheduleSwitching"]
 
 
 @dataclass(frozen=True)
@@ -287,3 +289,67 @@ class AutoSchedule:
         self.measured = state["measured"]
         self.ratio_at_decision = state["ratio_at_decision"]
         self.decisions = state["decisions"]
+
+
+class ScheduleSwitching:
+    """``AccoZeroOptimizer``'s side of the automatic schedule: at a commit boundary, end a trial or check M / C
+    (``_auto_boundary``), and switch schedules through a waited commit (``_drain_commit``, ``_apply_schedule``).
+    Uses the optimizer's ``_auto`` (an ``AutoSchedule``), ``_round``, ``_in_flight``, ``_step``, ``metrics``."""
+
+    _auto: AutoSchedule | None
+    _schedule: Schedule | None
+    _sync_schedule: bool
+
+    def _apply_schedule(self, schedule: Schedule) -> None:
+        """Run ``schedule`` from the next step on (at a step boundary with no round in flight)."""
+        self._schedule = schedule
+        self._sync_schedule = schedule.estimate_fraction is None
+        if not self._sync_schedule:
+            from deepspeed_acco.pipeline import RoundKind
+            from deepspeed_acco.split import split_micro_batches
+
+            estimate_half, commit_half = split_micro_batches(self._ga, schedule.estimate_fraction)
+            self._half_micro = {RoundKind.ESTIMATE: estimate_half, RoundKind.COMMIT: commit_half}
+        self._round.compression = schedule.compression
+        self._compress = schedule.compression != "none"
+
+    def _drain_commit(self) -> None:
+        """Wait for the commit just launched and load it: the pipeline restarts from the committed weights."""
+        if self._in_flight is not None:
+            self._finish_round(self._wait_in_flight())
+            self._half_start = time.perf_counter()
+
+    def _agreed(self, values: list[float]) -> list[float]:
+        """``values`` averaged over the data-parallel ranks (one all-reduce on the engine's group, not ACCO's),
+        so that every rank takes the same decision from its own measurements."""
+        import torch
+        from deepspeed import comm as dist
+
+        tensor = torch.tensor(values, dtype=torch.float64, device=self.bit16_groups_flat[0].device)
+        dist.all_reduce(tensor, group=self.dp_process_group)
+        return (tensor / self._world).tolist()
+
+    def _auto_boundary(self) -> None:
+        """At a commit boundary: end a trial, or check M / C, and switch schedules when the choice changes."""
+        auto = self._auto
+        assert auto is not None, "only with the automatic schedule"
+        auto.boundary()
+        decided = len(auto.decisions)
+        if auto.trial_over():
+            self._drain_commit()  # the trial's last step is measured too
+            chosen = auto.end_trial(self._step, self._agreed(auto.local_summary()))
+        elif auto.check_due(self._step):
+            chosen = auto.check(self._step, self._agreed(auto.local_summary()))
+        else:
+            return
+        if chosen != self._schedule:
+            self._drain_commit()
+            self._apply_schedule(chosen)
+        if len(auto.decisions) > decided:
+            decision = auto.decisions[-1]
+            self.metrics.open(self._step).decision = decision
+            if self._rank == 0:
+                from deepspeed.utils import logger
+
+                logger.info(f"ACCO schedule from step {decision['step'] + 1}: {decision['schedule']} "
+                            f"({decision['why']}; M/C {decision['m_over_c']:.2f}; {decision['reason']})"[:300])

@@ -1,4 +1,7 @@
-"""Which ranks share a node, and the process groups of a node-aware compressed round.
+"""ACCO's process groups: its own group for the rounds, and, where ranks share a node, those of a node-aware round.
+
+The rounds run on a process group of their own (``acco_process_group``), so that the worker's collectives never
+interleave with the engine's.
 
 A compressed round sent as one flat all-to-all carries ``g (W - g) / W`` of a buffer through each node's link
 for its ``g`` ranks, more than a bf16 round once ``g`` reaches 8. The node-aware round (``acco-algorithm.md``,
@@ -17,9 +20,33 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
-__all__ = ["LOCAL_SIZE_VARIABLES", "NodeLayout", "local_size_from_env", "node_layout"]
+__all__ = ["GROUP_SETUP_TIMEOUT_S", "LOCAL_SIZE_VARIABLES", "NodeLayout", "acco_process_group", "acco_node_layout",
+           "local_size_from_env", "node_layout"]
+
+GROUP_SETUP_TIMEOUT_S = 300.0
+"""Seconds ACCO's process group may take to connect its ranks (more than a round on a loaded machine)."""
+
+
+def acco_process_group(ranks: list[int], timeout_s: float) -> Any:
+    """A process group of these global ranks for ACCO's rounds (every rank calls it, member or not).
+
+    torch.distributed directly, because ``deepspeed.comm.new_group`` takes no timeout. gloo connects the ranks
+    when the group is created, within the group's timeout: that setup gets at least ``GROUP_SETUP_TIMEOUT_S``
+    (4 s were not enough for 2 ranks on a loaded 2-core machine), then the collectives get ``timeout_s``
+    (``acco.round_timeout_s``: a worker blocked by a dead peer gives up then).
+    """
+    import torch.distributed as torch_dist
+
+    setup_s = max(timeout_s, GROUP_SETUP_TIMEOUT_S)
+    group = torch_dist.new_group(ranks=ranks, timeout=timedelta(seconds=setup_s))
+    set_timeout = getattr(torch_dist.distributed_c10d, "_set_pg_timeout", None)
+    member = group not in (None, torch_dist.GroupMember.NON_GROUP_MEMBER)
+    if set_timeout is not None and setup_s != timeout_s and member:
+        set_timeout(timedelta(seconds=timeout_s), group)
+    return group
 
 LOCAL_SIZE_VARIABLES = ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS")
 """Environment variables launchers set to the number of ranks on this node, in the order they are read."""
@@ -83,3 +110,22 @@ def node_layout(ranks: list[int], rank: int, agree: Callable[[int], tuple[int, i
     log(f"ACCO: compressed rounds are node-aware: {nodes} nodes x {g} ranks ({source}); full precision inside a "
         "node, int8 between nodes")
     return NodeLayout(nodes=nodes, per_node=g, node=rank // g, local=rank % g, intra_group=intra, inter_group=inter)
+
+
+def acco_node_layout(ranks: list[int], rank: int, group: Any, device: Any, timeout_s: float) -> NodeLayout | None:
+    """``node_layout`` over the data-parallel ``ranks``, agreeing through ``group`` (ACCO's) with a tensor on
+    ``device``, its groups made by ``acco_process_group``; the line goes to rank 0's log."""
+    import torch
+    import torch.distributed as torch_dist
+    from deepspeed.utils import logger
+
+    def agree(g: int) -> tuple[int, int]:
+        values = torch.tensor([g, -g], dtype=torch.int64, device=device)
+        torch_dist.all_reduce(values, op=torch_dist.ReduceOp.MIN, group=group)
+        return int(values[0]), -int(values[1])
+
+    def log(line: str) -> None:
+        if rank == 0:
+            logger.info(line)
+
+    return node_layout(ranks, rank, agree, lambda members: acco_process_group(members, timeout_s), log)

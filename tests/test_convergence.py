@@ -88,7 +88,7 @@ def test_acco_within_tolerance_of_zero1_and_dpu_outside(runs: dict[str, list[Any
 
 def test_seed_noise_table() -> None:
     """The study's summary: mean +- std over seeds, and whether a method's mean is within one ZeRO-1 std."""
-    from benchmarks.convergence import seed_noise_table
+    from studies.convergence import seed_noise_table
 
     def run(method: str, seed: int, loss: float) -> dict[str, Any]:
         return {"preset": "tiny", "world": 1, "steps": 600, "seed": seed, "method": method,
@@ -105,7 +105,7 @@ def test_seed_noise_table() -> None:
 
 def test_estimate_map_seed_summary() -> None:
     """The screen's summary: each seed's gap to the ZeRO-1 run of the same seed, their mean and std."""
-    from benchmarks.estimate_map import seed_summary
+    from studies.estimate_map import seed_summary
 
     def run(variant: str, seed: int, loss: float, estimate: str = "paper") -> dict[str, Any]:
         return {"cell": "tiny,2,4,1e-3,10", "variant": variant, "seed": seed, "steps": 100, "estimate": estimate,
@@ -126,7 +126,7 @@ def test_study_config_overrides(tmp_path: Any, capsys: pytest.CaptureFixture[str
     method is refused when the arguments are parsed."""
     import json
 
-    from benchmarks.convergence import OVERRIDES, _config, parse_args
+    from studies.convergence import OVERRIDES, _config, parse_args
 
     args = parse_args(["--decay", "--steps", "50", "--warmup", "20", "--out", str(tmp_path / "x.json")])
     config = json.loads(_config("acco_sync10_twin", args, tmp_path).read_text())
@@ -144,7 +144,7 @@ def test_study_config_overrides(tmp_path: Any, capsys: pytest.CaptureFixture[str
 
 def test_paired_table_summary_has_std() -> None:
     """The paired summary: each method's final gaps to the ZeRO-1 run of the same seed, their mean, std and max."""
-    from benchmarks.convergence import paired_table
+    from studies.convergence import paired_table
 
     def run(method: str, seed: int, loss: float) -> dict[str, Any]:
         return {"preset": "small", "world": 2, "steps": 100, "seed": seed, "method": method, "eval": {"100": loss}}

@@ -1,6 +1,6 @@
 """The edge-of-stability analysis behind docs/how-it-works.md, "Why ACCO can trail ZeRO-1".
 
-``benchmarks/estimate_stability.py`` finds each estimate rule's edge numerically (spectral radius of the
+``studies/estimate_stability.py`` finds each estimate rule's edge numerically (spectral radius of the
 linearized step); these tests hold it to the closed forms derived independently, for several beta1, and to
 the ordering the docs state. A few seconds.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.estimate_stability import RULES, edge_of_stability, main, stationary_excess
+from studies.estimate_stability import RULES, edge_of_stability, main, stationary_excess
 
 
 @pytest.mark.parametrize("b", [0.5, 0.8, 0.9, 0.95])
@@ -104,7 +104,7 @@ def test_no_shift_rule_has_both_zero1s_edge_and_less_noise() -> None:
     """The trade-off at the default split (f = 0.75), on a grid of shift rules: every rule that keeps ZeRO-1's edge
     leaves more than 1.5x ZeRO-1's noise excess at a = 20, and every rule whose excess stays at or below ZeRO-1's
     up to a = 20 has an edge below 0.9 of ZeRO-1's (the full grid, ``--search 0.75``: at most 0.86)."""
-    from benchmarks.estimate_stability import shift_search
+    from studies.estimate_stability import shift_search
 
     rows = shift_search(0.9, 0.75, scales=(1.0, 1.05, 1.1, 1.2, 1.4), carries=(-0.2, 0.0, 0.2, 0.5, 0.9),
                         steps=(5.0, 10.0, 20.0))

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 
-from benchmarks.estimate_study import LogitsOf, lm_loss
+from studies.estimate_study import LogitsOf, lm_loss
 from tests.acco_reference import reference_train
 from tests.dist_utils import job_result, run_distributed, run_jobs_isolated
 from tests.workers import DEFAULT_ESTIMATE_HALF, DEFAULT_ESTIMATE_SHIFT, ds_config, tiny_lm, train_tiny_lm

@@ -6,10 +6,10 @@ Every run is ``examples/train_lm.py`` under the real ``deepspeed`` launcher on C
 runs that should be equal, up to rounding. How far the twin ends from ZeRO-1 is the noise floor of a
 paired comparison at that setting: a method's gap inside it is indistinguishable from rounding.
 
-    python benchmarks/convergence.py --preset small --worlds 1,2 --seeds 1234,7 --steps 100 \\
-        --methods zero1,acco,zero1_twin --out benchmarks/results/convergence_small.json
-    python benchmarks/convergence.py --preset tiny --worlds 2 --seeds 1,2,3 --steps 600 --eval_every 100 \\
-        --methods zero1,acco,dpu --out benchmarks/results/convergence_tiny.json
+    python studies/convergence.py --preset small --worlds 1,2 --seeds 1234,7 --steps 100 \\
+        --methods zero1,acco,zero1_twin --out studies/results/convergence_small.json
+    python studies/convergence.py --preset tiny --worlds 2 --seeds 1,2,3 --steps 600 --eval_every 100 \\
+        --methods zero1,acco,dpu --out studies/results/convergence_tiny.json
 
 World-size-1 runs go two at a time (one core each) with ``--parallel 2``. Results are appended to
 ``--out`` as they finish (a run already there is not repeated), then a markdown table is written next to it.

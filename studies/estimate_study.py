@@ -7,7 +7,7 @@ package's, paired by seed. On top of the reference this script varies how ACCO's
 theta~_{t+1} is formed (``--estimate``), and logs per committed step how far theta~_{t+1} lands from
 theta_{t+1}, relative to the step theta_{t+1} - theta_t, and the gradient norms of both halves.
 
-    python benchmarks/estimate_study.py --preset small --world 2 --seed 1234 --steps 25 \\
+    python studies/estimate_study.py --preset small --world 2 --seed 1234 --steps 25 \\
         --method acco --estimate paper --out runs/study/small_w2_acco.jsonl
 
 One JSON line per committed step: ``step, lr, train_loss, est_dist_rel, est_cos, gnorm_first,
@@ -16,7 +16,7 @@ estimate by theta_{t+1} + L * (paper estimate - theta_{t+1}) (it computes the co
 real schedule cannot): it measures how the gap scales with the estimate's error. ``--shift S,K1,K2``
 scales the estimate's update by S and adds K1 (K2) times the offset theta~ - theta of the previous
 (second previous) estimate: ``1,K,0`` is the carry K that raises the edge of stability, ``S > 1`` an
-extrapolated (look-ahead) estimate (``benchmarks/estimate_stability.py``).
+extrapolated (look-ahead) estimate (``studies/estimate_stability.py``).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shift", type=_shift, default=(1.0, 0.0, 0.0), metavar="S,K1,K2",
                    help="theta~_{t+1} = theta_t + S (Opt(theta_t, G~_t) - theta_t) + K1 (theta~_t - theta_t) "
                         "+ K2 (theta~_{t-1} - theta_{t-1}), theta~_t being where G~_t was computed; 1,0,0 is the "
-                        "paper's, 1,K,0 the carry K of benchmarks/estimate_stability.py")
+                        "paper's, 1,K,0 the carry K of studies/estimate_stability.py")
     p.add_argument("--oracle_lambda", type=float, default=None,
                    help="theta~ = theta_{t+1} + L * (paper estimate - theta_{t+1}); needs the commit first")
     p.add_argument("--world", type=int, default=2, help="simulated data-parallel ranks")

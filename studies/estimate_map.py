@@ -1,6 +1,6 @@
 """The map of ACCO's gap to ZeRO-1: model size, world size, accumulation, learning rate and warm-up.
 
-Each cell runs single-process simulations of ``benchmarks/estimate_study.py`` with the same seed
+Each cell runs single-process simulations of ``studies/estimate_study.py`` with the same seed
 (``--variants``): ZeRO-1, its rounding-level twin (each initial weight x (1 + 1e-6 x a standard normal draw):
 the noise floor of a paired comparison), ACCO (``--estimate``: ``paper``, ``momentum``, ``momentum_half``,
 each optionally ``+carryK`` for theta~_{t+1} + K (theta~_t - theta_t) or ``+shiftS,K1,K2`` for
@@ -9,7 +9,7 @@ loss and gap to ZeRO-1 at the end, ACCO's mean distance from theta~_{t+1} to the
 step (from step 5 on, after the LR warm-up starts) and the largest gradient norm of each run (loss spikes
 show as norms far above the clipping threshold).
 
-    python benchmarks/estimate_map.py --out benchmarks/results/estimate_map.json \\
+    python studies/estimate_map.py --out studies/results/estimate_map.json \\
         --cells "tiny,2,4,1e-3,10;tiny,1,4,1e-3,10;tiny,4,4,1e-3,10;tiny,2,8,1e-3,10;tiny,2,16,1e-3,10"
 
 A cell is ``preset,world,ga,lr,warmup``; ``--steps``, ``--seeds``, ``--parallel`` apply to all.
@@ -37,7 +37,7 @@ VARIANTS = {"zero1": ["--method", "zero1"], "twin": ["--method", "zero1", "--per
 
 def run_cell_method(cell: str, variant: str, seed: int, steps: int, estimate: str) -> dict[str, Any]:
     """One simulation; returns its per-step records."""
-    from benchmarks.estimate_study import parse_args, run_study
+    from studies.estimate_study import parse_args, run_study
 
     preset, world, ga, lr, warmup = cell.split(",")
     argv = ["--preset", preset, "--world", world, "--ga", ga, "--lr", lr, "--warmup", warmup, "--seed", str(seed),

@@ -20,9 +20,9 @@ paper's estimate ``2 / (1 - b)``, i.e. ``1 / (1 + b)`` of ZeRO-1's (0.53 at b = 
 ``d = x~ - x`` obeys ``d' = -(1 - b) (a / 2) d``, because the estimate weighs the gradient at x~ fully
 where the commit weighs it by half; it flips sign and grows once ``(1 - b) a / 2 > 1``.
 
-    python benchmarks/estimate_stability.py            # the table for beta1 = 0.9
-    python benchmarks/estimate_stability.py --beta1 0.95
-    python benchmarks/estimate_stability.py --search 0.75   # every (s, k) of a grid at the default split
+    python studies/estimate_stability.py            # the table for beta1 = 0.9
+    python studies/estimate_stability.py --beta1 0.95
+    python studies/estimate_stability.py --search 0.75   # every (s, k) of a grid at the default split
 """
 
 from __future__ import annotations
