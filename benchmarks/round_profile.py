@@ -59,6 +59,7 @@ def profile_rank(rank: int, world: int, methods: list[str], steps: int, warmup: 
 
     import deepspeed_acco
     from benchmarks.worker import _model_args, build_config, thread_cpu_s
+    from deepspeed_acco.plan import memory_per_rank
     from tests.dist_utils import init_rank
 
     init_rank(timeout_s=600)
@@ -95,6 +96,16 @@ def profile_rank(rank: int, world: int, methods: list[str], steps: int, warmup: 
                     for k, v in rec[key].items():
                         phases[k] = phases.get(k, 0.0) + v / len(records)
                 result[f"{key}_per_step"] = phases
+        # What the rank holds for parameters, gradients and optimizer, after a step and in the middle of one.
+        after_step = held_bytes(engine)
+        ids = windows[position + steps * args.ga]
+        engine.backward(engine(input_ids=ids, labels=ids).loss)
+        engine.step()
+        b = engine.optimizer.bit16_groups_flat[0].element_size()
+        planned = memory_per_rank(method if method in ("zero1", "acco_int8") else "acco", result["n_params"], world,
+                                  param_bytes=b, accum_bytes=4)
+        result["memory_bytes"] = {"measured": max(after_step, held_bytes(engine)), "planned": sum(planned.values()),
+                                  "planned_parts": planned}
         optimizer = engine.optimizer
         if isinstance(optimizer, deepspeed_acco.AccoZeroOptimizer):
             def nbytes(tensors: list[Any]) -> int:
@@ -117,6 +128,34 @@ def profile_rank(rank: int, world: int, methods: list[str], steps: int, warmup: 
         engine.destroy()
         dist.barrier()
     return out
+
+
+def held_bytes(engine: Any) -> int:
+    """Bytes of the distinct storages this rank holds for parameters, gradients and optimizer: the flat parameters,
+    the fp32 master shards and the optimizer's state, the parameters' ``.grad`` and ZeRO-1's averaged gradient
+    partitions, and ACCO's buffers (accumulation, shadow, the rounds', the fused estimate's scratch, the carried
+    estimate sums)."""
+    import torch
+
+    optimizer = engine.optimizer
+    tensors: list[Any] = [*optimizer.bit16_groups_flat, *optimizer.single_partition_of_fp32_groups]
+    tensors += [v for state in optimizer.optimizer.state.values() for v in state.values()]
+    tensors += [p.grad for p in engine.module.parameters()]
+    averaged = getattr(optimizer, "averaged_gradients", None) or {}
+    tensors += [t for group in (averaged.values() if isinstance(averaged, dict) else averaged) for t in group or []]
+    from deepspeed_acco import AccoZeroOptimizer
+
+    if isinstance(optimizer, AccoZeroOptimizer):
+        sharded = optimizer._round
+        tensors += [t for pair in optimizer._buffers for t in pair] + list(optimizer._shadows)
+        tensors += list(sharded._buffers.values()) + list(sharded._carried or [])
+        if sharded.fused is not None and sharded.fused._scratch:
+            tensors += [t for group in sharded.fused._scratch for t in group]
+    seen: dict[int, int] = {}
+    for t in tensors:
+        if torch.is_tensor(t) and t.untyped_storage().nbytes():
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(seen.values())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,6 +200,10 @@ def summary(results: list[dict[str, Any]]) -> str:
             if key in runs[0]:
                 lines.append(f"  round phases, {label} s/step: " + ", ".join(
                     f"{k} {_spread([r[key][k] for r in runs])}" for k in runs[0][key]))
+        if "memory_bytes" in runs[0]:
+            measured, planned = runs[0]["memory_bytes"]["measured"], runs[0]["memory_bytes"]["planned"]
+            lines.append(f"  memory per rank: {measured / 1e6:.1f} MB held, the planner's formula "
+                         f"{planned / 1e6:.1f} MB ({planned / measured - 1:+.1%})")
         if "acco_buffers_bytes" in runs[0]:
             r0 = runs[0]
             total = sum(r0["acco_buffers_bytes"].values())

@@ -281,6 +281,15 @@ class ShardedRound:
             buf = self._buffers[key] = torch.empty(shape, dtype=dtype, device=device)
         return buf
 
+    def _payload(self, index: int, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The int8 round's payload buffer of ``dtype`` for group ``index``, shared by its all-to-all (what this rank
+        receives, read before the all-gather) and its all-gather: at most a flat's size in int8 plus scales."""
+        key = ("payload", index, dtype)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < numel or buf.device != device:
+            buf = self._buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel]
+
     def prepare_kernels(self, live_flats: list[torch.Tensor], accumulation_dtype: torch.dtype) -> str:
         """Compile the int8 kernels for every shape the compressed rounds use (at ``initialize``, so no round
         compiles); returns the log line that says which path runs ("" without compression)."""
@@ -382,8 +391,8 @@ class ShardedRound:
                   peers: int) -> tuple[torch.Tensor, torch.Tensor]:
         """All-to-all among ``peers`` ranks of ``group``: row ``j`` of ``q`` (int8) and of its scales to peer ``j``;
         returns what this rank received, in the same layout (buffers of parameter group ``index``)."""
-        recv_q = self._buffer("recv_q", index, tuple(q.shape), q.dtype, q.device)
-        recv_s = self._buffer("recv_s", index, tuple(scales.shape), scales.dtype, scales.device)
+        recv_q = self._payload(index, q.numel(), q.dtype, q.device).view(q.shape)
+        recv_s = self._payload(index, scales.numel(), scales.dtype, scales.device).view(scales.shape)
         dist.all_to_all_single(recv_q, q, group=group)
         dist.all_to_all_single(recv_s, scales, group=group)
         sent = q.numel() * q.element_size() + scales.numel() * scales.element_size()
@@ -411,10 +420,11 @@ class ShardedRound:
             else:
                 nodes, per_node = layout.nodes, layout.per_node
                 chunk = flat.numel() // self.world_size
-                by_local = self._buffer("by_local", i, (per_node, nodes, chunk), torch.float32, flat.device)
-                by_local.copy_(flat.view(nodes, per_node, chunk).transpose(0, 1))
                 node_sum = self._buffer("node_sum", i, (nodes, chunk), torch.float32, flat.device)
-                self._reduce_scatter(node_sum, by_local.view(-1), layout.intra_group, per_node, layout.local)
+                blocks = flat.view(nodes, per_node * chunk)  # node n's chunks, one per local rank (no copy)
+                send = blocks if blocks.dtype == torch.float32 else blocks.float()
+                for n in range(nodes):  # the round owns the buffer: it may be overwritten (it is zeroed below)
+                    self._reduce_scatter(node_sum[n], send[n], layout.intra_group, per_node, layout.local)
                 q, scales = self.quantizer.quantize_residual_(node_sum)
                 recv_q, recv_s = self._exchange(i, q, scales, layout.inter_group, nodes)
                 flat.zero_()
@@ -504,8 +514,8 @@ class ShardedRound:
                                                             self.master_shards)):
             q, scales = self.quantizer.quantize_update(shard.detach(), master.detach())
             chunk, blocks = q.shape[1], scales.shape[1]
-            all_q = self._buffer("gather_q", i, (self.world_size, chunk), torch.int8, q.device)
-            all_s = self._buffer("gather_s", i, (self.world_size, blocks), scales.dtype, q.device)
+            all_q = self._payload(i, self.world_size * chunk, torch.int8, q.device).view(self.world_size, chunk)
+            all_s = self._payload(i, self.world_size * blocks, scales.dtype, q.device).view(self.world_size, blocks)
             if layout is None:
                 dist.all_gather_into_tensor(all_q, q, group=self.group)
                 dist.all_gather_into_tensor(all_s, scales, group=self.group)

@@ -47,7 +47,7 @@ from pathlib import Path
 from deepspeed_acco.split import split_micro_batches
 
 __all__ = ["METHODS", "Cluster", "Timing", "Prediction", "half_step_s", "step_time_s", "timing_from_cluster",
-           "int8_estimate_fraction", "quantize_s", "predict", "recommend", "main"]
+           "int8_estimate_fraction", "quantize_s", "memory_per_rank", "predict", "recommend", "main"]
 
 METHODS = ("zero1", "acco", "acco_int8", "acco_adaptive", "dpu")
 LABELS = {"zero1": "ZeRO-1", "acco": "ACCO", "acco_int8": "ACCO, int8 estimate", "acco_adaptive": "ACCO, adaptive",
@@ -209,6 +209,34 @@ def quantize_s(params: float, quantize_gbs: float) -> float:
     return 4.0 * params / (quantize_gbs * 1e9) if quantize_gbs > 0 else 0.0
 
 
+def memory_per_rank(method: str, params: float, world_size: int, param_bytes: int = 2, accum_bytes: int = 4,
+                    block: int = 256) -> dict[str, float]:
+    """Bytes one rank keeps for a method's parameters, gradients and optimizer between micro-batches, by part
+    (activations and the framework's own buffers left out). P parameters, N ranks, b bytes per parameter value,
+    a per accumulated gradient value (``acco.grad_accum_dtype``):
+
+    - ZeRO-1: parameters P b, gradients P b, the fp32 gradient partition 4 P / N, the optimizer shard (fp32
+      master weights and both Adam moments) 12 P / N;
+    - ACCO: parameters P b, two accumulation buffers 2 P a, the shadow parameters the rounds all-gather into P b,
+      the optimizer shard 12 P / N, the rounds' reduced gradient shards 2 x 4 P / N (the estimate's is carried
+      into the commit) and the fused estimate's scratch copies of the shard, its gradient and both moments
+      4 x 4 P / N; the int8 estimate adds its payload buffer, P (1 + 4 / block); DPU has one reduced shard and no
+      estimate. ``benchmarks/round_profile.py`` checks this against the tensors' storages.
+    """
+    p, n, b, a = float(params), float(world_size), float(param_bytes), float(accum_bytes)
+    parts = {"parameters": p * b, "optimizer shard": 12 * p / n}
+    if method == "zero1":
+        parts.update({"gradients": p * b, "fp32 gradient partition": 4 * p / n})
+        return parts
+    parts.update({"accumulation buffers": 2 * p * a, "shadow parameters": p * b,
+                  "reduced shards": (4 if method == "dpu" else 8) * p / n})
+    if method != "dpu":
+        parts["fused estimate scratch"] = 16 * p / n
+    if method == "acco_int8":
+        parts["int8 payload"] = p * (1 + 4 / block)
+    return parts
+
+
 def timing_from_cluster(cluster: Cluster, micro_batches: int = 8) -> Timing:
     """Estimate C from FLOP/s and M from bytes over the link (see the module docstring)."""
     w = cluster.world_size
@@ -278,8 +306,10 @@ def _fmt_s(x: float) -> str:
     return f"{x:.3g}"
 
 
-def report(timing: Timing, world_size: int, tokens_per_rank_per_step: float, header: list[str]) -> str:
-    """The printed plan: C, M, M/C, a row per method and the recommendation."""
+def report(timing: Timing, world_size: int, tokens_per_rank_per_step: float, header: list[str],
+           memory: dict[str, dict[str, float]] | None = None, gpu_mem_gb: float | None = None) -> str:
+    """The printed plan: C, M, M/C, a row per method (with its memory per rank when ``memory`` is given, and
+    whether it fits ``gpu_mem_gb``) and the recommendation."""
     per_micro = tokens_per_rank_per_step / timing.micro_batches
     preds = predict(timing)
     zero1 = preds[0]
@@ -291,17 +321,33 @@ def report(timing: Timing, world_size: int, tokens_per_rank_per_step: float, hea
         f"M/C                       {timing.round_s / timing.compute_s:.2f}   (ACCO hides both rounds below "
         f"{min(f_est, f_commit):.2f}, the commit round below {f_est:.2f})",
         "",
-        f"{'method':<24}{'step (s)':>10}{'tokens/s':>14}{'vs ZeRO-1':>11}",
+        f"{'method':<24}{'step (s)':>10}{'tokens/s':>14}{'vs ZeRO-1':>11}" + (f"{'GB/rank':>10}" if memory else ""),
     ]
     for p in preds:
         tps = p.tokens_per_s(world_size, per_micro)
         ratio = tps / zero1.tokens_per_s(world_size, per_micro)
         note = "  (more tokens per step)" if p.micro_batches_per_step > timing.micro_batches + 1e-9 else ""
-        lines.append(f"{LABELS[p.method]:<24}{p.step_s:>10.3g}{tps:>14,.0f}{ratio:>10.2f}x{note}")
+        gb = ""
+        if memory:
+            total = sum(memory[p.method].values()) / 1e9
+            gb = f"{total:>10.1f}" + ("" if gpu_mem_gb is None else "" if total <= gpu_mem_gb else "  does not fit")
+        lines.append(f"{LABELS[p.method]:<24}{p.step_s:>10.3g}{tps:>14,.0f}{ratio:>10.2f}x{gb}{note}")
+    if memory:
+        lines += ["", "memory per rank (parameters, gradients or accumulation buffers, optimizer shard, shadow; "
+                  "activations not included" + (f"; fits {gpu_mem_gb:g} GB?" if gpu_mem_gb else "") + "):"]
+        for method in ("zero1", "acco", "acco_int8"):
+            parts = ", ".join(f"{k} {v / 1e9:.2f}" for k, v in memory[method].items())
+            lines.append(f"  {LABELS[method]}: {sum(memory[method].values()) / 1e9:.2f} GB = {parts}")
     method, why = recommend(preds)
-    lines += ["", f"use: {LABELS[method]}: {why}.",
-              "These are predictions from the model in deepspeed_acco/plan.py, not measurements; "
-              "check them with benchmarks/run.py on two of your nodes."]
+    lines += ["", f"use: {LABELS[method]}: {why}."]
+    if memory and gpu_mem_gb is not None and sum(memory[method].values()) / 1e9 > gpu_mem_gb:
+        parts = memory[method]
+        bf16 = sum(parts.values()) - parts.get("accumulation buffers", 0.0) / 2
+        lines.append(f"memory: it needs {sum(parts.values()) / 1e9:.1f} GB per rank, more than {gpu_mem_gb:g} GB"
+                     + (f"; acco.grad_accum_dtype bf16 needs {bf16 / 1e9:.1f} GB" if "accumulation buffers" in parts
+                        else "") + ".")
+    lines.append("These are predictions from the model in deepspeed_acco/plan.py, not measurements; check them "
+                 "with benchmarks/run.py on two of your nodes.")
     return "\n".join(lines)
 
 
@@ -347,6 +393,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="acco.estimate_fraction: the estimate half's share of a step (default 0.75; 0.5: equal halves)")
     p.add_argument("--comm_bytes", type=int, default=2, choices=(2, 4), help="bytes per value sent (default 2)")
     p.add_argument("--link_efficiency", type=float, default=0.8, help="share of the link reached (default 0.8)")
+    p.add_argument("--param_bytes", type=int, default=2, choices=(2, 4),
+                   help="bytes per parameter value: 2 (bf16/fp16), 4 (fp32) (default 2)")
+    p.add_argument("--grad_accum_dtype", choices=("fp32", "bf16"), default="fp32", help="acco.grad_accum_dtype")
+    p.add_argument("--gpu_mem_gb", type=float, default=None, help="say whether each method's memory per rank fits")
     p.add_argument("--quantize_gbs", type=float, default=400.0,
                    help="fp32 GB of parameters per second of the fused int8 kernels (default 400, a GPU; the CPU "
                    "bed: about 1.5); with --params it adds to the int8 estimate round")
@@ -407,7 +457,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"{a.tokens_per_rank_per_step:,} tokens per rank per step, {a.flops:.3g} FLOP/s per rank"]
         if a.world_size <= a.ranks_per_node:
             header.append("all ranks on one node: the round never crosses a node link, ZeRO-1 is enough")
-    print(report(timing, a.world_size, a.tokens_per_rank_per_step, header))
+    memory = None
+    if a.params:
+        accum = 4 if a.grad_accum_dtype == "fp32" else 2
+        memory = {m: memory_per_rank(m, a.params, a.world_size, a.param_bytes, accum) for m in METHODS}
+    print(report(timing, a.world_size, a.tokens_per_rank_per_step, header, memory, a.gpu_mem_gb))
     return 0
 
 

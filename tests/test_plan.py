@@ -22,6 +22,7 @@ from deepspeed_acco.plan import (
     Cluster,
     Timing,
     int8_estimate_fraction,
+    main,
     predict,
     quantize_s,
     recommend,
@@ -152,3 +153,26 @@ def test_docs_table_is_current() -> None:
     """docs/when-it-helps.md shows ``python -m deepspeed_acco.plan --table``'s output, verbatim."""
     page = (REPO / "docs" / "when-it-helps.md").read_text()
     assert table() in page, "docs/when-it-helps.md is stale: paste `python -m deepspeed_acco.plan --table` into it"
+
+
+def test_memory_per_rank() -> None:
+    """The formula of ``memory_per_rank``: ZeRO-1 P b + P b + 16 P / N; ACCO P b + 2 P a + P b + 36 P / N; the int8
+    estimate adds P (1 + 4 / block); and the plan prints it and says what does not fit."""
+    from deepspeed_acco.plan import memory_per_rank
+
+    p, n = 1e9, 8
+    assert sum(memory_per_rank("zero1", p, n, 2, 4).values()) == pytest.approx(2 * p * 2 + 16 * p / n)
+    assert sum(memory_per_rank("acco", p, n, 2, 4).values()) == pytest.approx(2 * p * 2 + 2 * p * 4 + 36 * p / n)
+    assert sum(memory_per_rank("acco", p, n, 2, 2).values()) == pytest.approx(2 * p * 2 + 2 * p * 2 + 36 * p / n)
+    int8 = memory_per_rank("acco_int8", p, n, 2, 4, block=256)
+    assert int8["int8 payload"] == pytest.approx(p * (1 + 4 / 256))
+    assert sum(memory_per_rank("dpu", p, n, 2, 4).values()) == pytest.approx(2 * p * 2 + 2 * p * 4 + 16 * p / n)
+
+
+def test_plan_prints_memory_and_what_does_not_fit(capsys: pytest.CaptureFixture[str]) -> None:
+    """7B on 64 ranks at 100 Gbit/s: ACCO with fp32 accumulation needs more than an 80 GB GPU; bf16 fits."""
+    assert main(["--params", "7e9", "--world_size", "64", "--link_gbit", "100", "--tokens_per_rank_per_step", "32768",
+                 "--flops", "3e14", "--gpu_mem_gb", "80"]) == 0
+    out = capsys.readouterr().out
+    assert "GB/rank" in out and "does not fit" in out and "ZeRO-1: 29.75 GB" in out
+    assert "acco.grad_accum_dtype bf16 needs" in out
