@@ -24,7 +24,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.report import recorded_estimate_fraction  # noqa: E402
+from benchmarks.report import PLANNER_METHOD, recorded_estimate_fraction  # noqa: E402
 from deepspeed_acco.plan import METHODS, Timing, step_time_s  # noqa: E402
 
 __all__ = ["check", "main"]
@@ -76,8 +76,13 @@ def check(result: dict[str, Any]) -> list[dict[str, Any]]:
     twins = {key(r): r for r in result["runs"] if r["case"] == "zero1"}
     rows = []
     for run in result["runs"]:
-        # --time_to_target's "acco_adaptive_sqrt" is adaptive accumulation with another LR: the same schedule
-        method = "acco_adaptive" if run["case"].startswith("acco_adaptive") else run["case"]
+        # --time_to_target's "acco_adaptive_sqrt" is adaptive accumulation with another LR: the same schedule;
+        # the equal halves are the planner's ACCO at their recorded split; the automatic schedule, its choice
+        method = "acco_adaptive" if run["case"].startswith("acco_adaptive") else PLANNER_METHOD.get(run["case"],
+                                                                                                     run["case"])
+        if run["case"] == "acco_auto":
+            chosen = run.get("auto_schedule") or ""
+            method = "zero1" if chosen == "sync" else "acco_int8" if chosen.endswith("+int8") else "acco"
         if method not in METHODS:
             continue
         measured = run["step_time_s"]
