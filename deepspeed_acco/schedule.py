@@ -27,9 +27,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Schedule", "SYNC", "PREFERENCE", "TRIALS", "TRIAL_STEPS", "MARGIN", "MIN_GAIN", "DRIFT", "WINDOW",
-           "CHECK_EVERY", "SWITCH_WITHIN", "SUMMARY", "Measured", "predict_step_s", "choose", "AutoSchedule",
-           "ScheduleSwitching"]
+__all__ = ["Schedule", "SYNC", "PREFERENCE", "TRIALS", "TRIAL_STEPS", "MARGIN", "MIN_GAIN", "DRIFT", "DRIFT_ABS",
+           "WINDOW", "CHECK_EVERY", "SWITCH_WITHIN", "SUMMARY", "Measured", "predict_step_s", "choose",
+           "AutoSchedule", "ScheduleSwitching"]
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,10 @@ MARGIN = 0.05
 MIN_GAIN = 0.02
 """An ACCO schedule is chosen only when predicted faster than ZeRO-1's step by more than this."""
 DRIFT = 0.3
-"""Decide again when M / C has moved by more than this factor (either way) since the last decision."""
+"""Decide again when M / C has moved by more than this factor (either way) since the last decision..."""
+DRIFT_ABS = 0.05
+"""... and by more than this much: below M / C 0.1 every schedule is within noise of the others, and a factor of
+1.3 of a small M / C is noise (measured on the tiny model's unshaped link, M / C 0.08)."""
 WINDOW = 4
 """Steps whose medians measure the schedule that runs (the first step after a switch is left out)."""
 
@@ -254,7 +257,8 @@ class AutoSchedule:
         if self.ratio_at_decision is None:  # the first full window of a new schedule: the baseline for drift
             self.ratio_at_decision = ratio
             return self.current
-        if abs(math.log(max(ratio, 1e-9) / max(self.ratio_at_decision, 1e-9))) <= math.log(1 + DRIFT):
+        if abs(math.log(max(ratio, 1e-9) / max(self.ratio_at_decision, 1e-9))) <= math.log(1 + DRIFT) or \
+                abs(ratio - self.ratio_at_decision) <= DRIFT_ABS:
             return self.current
         self.measured[self.current.name] = asdict(fresh)
         return self._decide(step, fresh, f"M/C moved from {self.ratio_at_decision:.2f} to {ratio:.2f}")

@@ -138,3 +138,10 @@ def test_first_step_after_a_switch_is_left_out() -> None:
     auto.boundary()
     auto.observe(2, 1.0, 0.9, 0.1, None)
     assert auto.local_summary()[:3] == [1.0, 0.9, 0.1]
+
+
+def test_small_ratios_do_not_switch() -> None:
+    """At M / C below 0.1 a factor of 1.5 is noise (every schedule is within noise of the others): no decision."""
+    auto = AutoSchedule()
+    _run(auto, range(1, 60), {1: (1.0, 0.04, 0.012), 25: (1.0, 0.06, 0.018), 40: (1.0, 0.03, 0.009)})
+    assert len(auto.decisions) == 1
