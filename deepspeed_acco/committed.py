@@ -50,8 +50,6 @@ class CommittedWeights:
     _live_backup: list[torch.Tensor] | None = None
     _committed_in_model: bool = False
 
-
-
     def drain(self) -> None:
         """Wait for the round in flight without consuming it; training is not disturbed.
 
