@@ -10,7 +10,8 @@ nor ``estimate_compression`` set) runs ``AutoSchedule``: it chooses among the sc
 - ``0.75+int8`` / ``0.5+int8``: the same with the int8 estimate round ``M8``, ``max(f C, M) + max((1 - f) C, M8)``;
 
 never a lossy commit. It tries ``sync``, ``0.75`` and ``0.75+int8`` for ``TRIAL_STEPS`` steps each (a measurement
-beats a model on a noisy link), decides at the end of the trials (step 9 by default), then keeps measuring and
+beats a model on a noisy link; after ZeRO-1's step has measured M / C, plain ACCO is skipped where it cannot win and
+the int8 estimate where it is not needed), decides at the end of the trials (by step 9), then keeps measuring and
 decides again when M / C moves by more than ``DRIFT``. It prefers, in ``PREFERENCE`` order, the first schedule
 within ``MARGIN`` of the fastest (0.75 converges best, docs/convergence.md), and only an ACCO schedule that is
 faster than ZeRO-1's step by ``MIN_GAIN``; otherwise ZeRO-1's step. The optimizer switches at a step boundary by
@@ -27,9 +28,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Schedule", "SYNC", "PREFERENCE", "TRIALS", "TRIAL_STEPS", "MARGIN", "MIN_GAIN", "DRIFT", "DRIFT_ABS",
-           "WINDOW", "CHECK_EVERY", "SWITCH_WITHIN", "SUMMARY", "Measured", "predict_step_s", "choose",
-           "AutoSchedule", "ScheduleSwitching"]
+__all__ = ["Schedule", "SYNC", "PREFERENCE", "TRIALS", "TRIAL_STEPS", "PLAIN_HOPELESS", "INT8_POINTLESS", "MARGIN",
+           "MIN_GAIN", "DRIFT", "DRIFT_ABS", "WINDOW", "CHECK_EVERY", "SWITCH_WITHIN", "SUMMARY", "Measured",
+           "predict_step_s", "choose", "AutoSchedule", "ScheduleSwitching"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,10 @@ PREFERENCE = (Schedule(0.75), Schedule(0.75, "int8"), Schedule(0.5), Schedule(0.
 TRIALS = (SYNC, Schedule(0.75), Schedule(0.75, "int8"))
 """Tried in this order at the start, ``TRIAL_STEPS`` steps each."""
 TRIAL_STEPS = 3
+PLAIN_HOPELESS = 1.0
+"""After ZeRO-1's trial: above this M / C plain ACCO is not tried (two full rounds, at least 2 M against C + M)."""
+INT8_POINTLESS = 0.2
+"""... and below this M / C the int8 estimate is not tried (0.75 hides both full rounds below M / C 0.25)."""
 MARGIN = 0.05
 """A less preferred schedule is chosen only when predicted faster than the preferred one by more than this."""
 MIN_GAIN = 0.02
@@ -240,6 +245,11 @@ class AutoSchedule:
         measured = self._measured(summary)
         if measured is not None:
             self.measured[self.current.name] = asdict(measured)
+        if self.current == SYNC and measured is not None:  # ZeRO-1's step measured C and M: skip hopeless trials
+            ratio = measured.commit_round_s / max(measured.compute_s, 1e-9)
+            self.trials = tuple(t for t in self.trials if not (
+                (t.compression == "none" and t != SYNC and ratio > PLAIN_HOPELESS)
+                or (t.compression == "int8" and ratio < INT8_POINTLESS)))
         index = self.trials.index(self.current) if self.current in self.trials else len(self.trials) - 1
         if index + 1 < len(self.trials):
             return self._switch(self.trials[index + 1], step)

@@ -98,11 +98,11 @@ def _run(auto: AutoSchedule, steps: range, link: dict[int, tuple[float, float, f
 
 
 def test_trials_decision_and_a_slower_link() -> None:
-    """Trials in order, the decision at step 9 (0.75 on a fast link), no change while the link holds, a new
-    decision within SWITCH_WITHIN steps once the link slows (to the int8 estimate), and a checkpoint of
-    the state resumes identically."""
+    """Trials in order (M/C 0.3 after ZeRO-1's step: every trial), the decision at step 9 (0.75 on that link), no
+    change while the link holds, a new decision within SWITCH_WITHIN steps once the link slows (to the int8
+    estimate), and a checkpoint of the state resumes identically."""
     auto = AutoSchedule()
-    fast, slow = (1.0, 0.1, 0.03), (1.0, 0.6, 0.18)
+    fast, slow = (1.0, 0.2, 0.06), (1.0, 0.6, 0.18)
     ran = _run(auto, range(1, 31), {1: fast})
     trial_end = TRIAL_STEPS * len(TRIALS)
     assert ran[:trial_end] == [t.name for t in TRIALS for _ in range(TRIAL_STEPS)]
@@ -118,6 +118,18 @@ def test_trials_decision_and_a_slower_link() -> None:
     resumed = AutoSchedule()
     resumed.load_state_dict(saved)
     assert _run(resumed, range(31, 61), {31: slow}) == ran and resumed.decisions == auto.decisions
+
+
+@pytest.mark.parametrize("ratio,trials,chosen", [(0.1, ["sync", "0.75"], "0.75"),
+                                                 (2.0, ["sync", "0.75+int8"], "0.75+int8"),
+                                                 (5.0, ["sync", "0.75+int8"], "sync")])
+def test_hopeless_trials_are_skipped(ratio: float, trials: list[str], chosen: str) -> None:
+    """Once ZeRO-1's step has measured M/C: no plain ACCO trial above M/C 1 (2 M > C + M), no int8 trial below
+    0.2 (0.75 hides both full rounds); the decision comes after the remaining trials."""
+    auto = AutoSchedule()
+    ran = _run(auto, range(1, 16), {1: (1.0, ratio, 0.3 * ratio)})
+    assert ran[:TRIAL_STEPS * len(trials)] == [t for t in trials for _ in range(TRIAL_STEPS)]
+    assert auto.decisions[0]["step"] == TRIAL_STEPS * len(trials) and auto.chosen.name == chosen
 
 
 def test_noise_does_not_switch() -> None:
