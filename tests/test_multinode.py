@@ -397,8 +397,9 @@ AUTO_STEPS, SHAPE_AT, SLOW_MBIT, BUSY_S = 32, 16, 0.5, 0.005
 def test_automatic_schedule_follows_a_slower_link(hosts: FakeHosts, tmp_path: Path) -> None:
     """``{"enabled": true}`` alone on 2 fake hosts: the trials (sync, then 0.75 and 0.75+int8 where they can win)
     and a decision after them on the unshaped link; after step 16 each host shapes its link to 0.5 Mbit/s, and a
-    new decision (M/C moved) switches the schedule within ``SWITCH_WITHIN`` steps. Every rank ran the same schedules, and the parameters
-    equal the reference's for the schedule sequence the run recorded (its switches restart the pipeline)."""
+    new decision (M/C moved) switches the schedule within ``SWITCH_WITHIN`` steps. Every rank ran the same
+    schedules, and the parameters equal the reference's for the schedule sequence the run recorded (its switches
+    restart the pipeline)."""
     hostfile = hosts.hostfile(tmp_path / "hostfile")
     out = str(tmp_path / "auto_{rank}.pt")
     cmds = [h.cmd([*_deepspeed_cli(), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(h.index),
