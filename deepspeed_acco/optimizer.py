@@ -97,9 +97,9 @@ class AccoZeroOptimizer(CommittedWeights, ScheduleSwitching, CheckpointedPipelin
             comm_dtype=self.communication_data_type, clip_grad=float(self.clip_grad), compression=compression,
             block=acco_config.compression_block_size, stream=self._stream, layout=layout,
             estimate_shift=ESTIMATE_SHIFTS[acco_config.estimate if acco else "paper"])
-        kernels = self._round.prepare_kernels(flats, acc_dtype)
-        if kernels:
-            (logger.info if self._round.quantizer.path == "compiled" else logger.warning)(kernels)
+        self._kernels_ready = False
+        if self._auto is None:  # the automatic schedule compiles them when it first tries the int8 estimate
+            self._prepare_kernels()
         self._shift_estimate = self._round.estimate_shift != ESTIMATE_SHIFTS["paper"]
         self._compress = compression != "none"
         self._schedule = Schedule(acco_config.estimate_fraction, compression) if acco else None
@@ -132,6 +132,15 @@ class AccoZeroOptimizer(CommittedWeights, ScheduleSwitching, CheckpointedPipelin
         self._engine_micro_steps: int | None = None  # set by AccoEngine.save_checkpoint around its save
         self.loaded_acco_state = False
         self.loaded_engine_micro_steps: int | None = None
+
+    def _prepare_kernels(self) -> None:
+        """Compile the int8 kernels for the rounds' shapes (``quantize.Quantizer``), outside any round; log the path."""
+        if self._kernels_ready:
+            return
+        self._kernels_ready = True
+        line = self._round.prepare_kernels(self.bit16_groups_flat, self._buffers[0][0].dtype)
+        if line:
+            (logger.info if self._round.quantizer.path == "compiled" else logger.warning)(line)
 
     # ------------------------------------------------------------------ gradients
     def _param_offsets(self, i: int) -> dict[int, int]:
