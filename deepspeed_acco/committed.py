@@ -21,6 +21,7 @@ returns the parameter objects themselves.
 from __future__ import annotations
 
 import contextlib
+import time
 import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -49,6 +50,9 @@ class CommittedWeights:
     _timeout_s: float
     _live_backup: list[torch.Tensor] | None = None
     _committed_in_model: bool = False
+    _entered_at: float | None = None
+    _half_start: float
+    _last_commit_at: float
 
     def drain(self) -> None:
         """Wait for the round in flight without consuming it; training is not disturbed.
@@ -88,6 +92,7 @@ class CommittedWeights:
         if self._committed_in_model:
             return
         self.drain()
+        self._entered_at = time.perf_counter()
         committed = self.committed_flats()
         if committed is not self.bit16_groups_flat:
             self._live_backup = [flat.clone() for flat in self.bit16_groups_flat]
@@ -96,7 +101,8 @@ class CommittedWeights:
         self._committed_in_model = True
 
     def leave_committed(self) -> None:
-        """Put the live weights back (after ``enter_committed``); training continues bit for bit."""
+        """Put the live weights back (after ``enter_committed``); training continues bit for bit, and the time
+        in between (an evaluation, a save) is left out of the step's compute and duration (``StepMetrics``)."""
         if not self._committed_in_model:
             return
         if self._live_backup is not None:
@@ -104,6 +110,11 @@ class CommittedWeights:
                 live.copy_(backup)
             self._live_backup = None
         self._committed_in_model = False
+        if self._entered_at is not None:  # an evaluation is not training: the step's clocks skip it
+            paused = time.perf_counter() - self._entered_at
+            self._half_start += paused
+            self._last_commit_at += paused
+            self._entered_at = None
 
     @contextlib.contextmanager
     def committed_parameters_loaded(self) -> Iterator[None]:
