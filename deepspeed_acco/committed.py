@@ -65,7 +65,11 @@ class CommittedWeights:
             AccoRoundError: the round in flight failed or timed out.
         """
         if self._in_flight is not None:
+            start = time.perf_counter()
             self._in_flight.wait(self._timeout_s)
+            waited = time.perf_counter() - start  # a wait for a read from outside training: not the step's time
+            self._half_start += waited
+            self._last_commit_at += waited
 
     def committed_flats(self) -> list[torch.Tensor]:
         """The flat bit16 parameters of the last committed step (valid after ``drain``).
