@@ -24,6 +24,7 @@ from deepspeed import comm as dist
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from deepspeed.utils import logger
 
+from deepspeed_acco import log
 from deepspeed_acco.committed import CommittedWeights
 from deepspeed_acco.config import ESTIMATE_SHIFTS, AccoConfig
 from deepspeed_acco.metrics import MetricsLog, StepMetrics
@@ -139,8 +140,10 @@ class AccoZeroOptimizer(CommittedWeights, ScheduleSwitching, CheckpointedPipelin
             return
         self._kernels_ready = True
         line = self._round.prepare_kernels(self.bit16_groups_flat, self._buffers[0][0].dtype)
-        if line:
-            (logger.info if self._round.quantizer.path == "compiled" else logger.warning)(line)
+        if line and self._round.quantizer.path != "compiled":
+            logger.warning(line)
+        elif line and self._rank == 0:
+            log.info(line)
 
     # ------------------------------------------------------------------ gradients
     def _param_offsets(self, i: int) -> dict[int, int]:

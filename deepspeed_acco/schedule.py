@@ -365,7 +365,7 @@ class ScheduleSwitching:
             decision = auto.decisions[-1]
             self.metrics.open(self._step).decision = decision
             if self._rank == 0:
-                from deepspeed.utils import logger
+                from deepspeed_acco import log
 
-                logger.info(f"ACCO schedule from step {decision['step'] + 1}: {decision['schedule']} "
+                log.info(f"ACCO schedule from step {decision['step'] + 1}: {decision['schedule']} "
                             f"({decision['why']}; M/C {decision['m_over_c']:.2f}; {decision['reason']})"[:300])

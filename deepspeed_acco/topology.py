@@ -117,7 +117,8 @@ def acco_node_layout(ranks: list[int], rank: int, group: Any, device: Any, timeo
     ``device``, its groups made by ``acco_process_group``; the line goes to rank 0's log."""
     import torch
     import torch.distributed as torch_dist
-    from deepspeed.utils import logger
+
+    from deepspeed_acco import log as acco_log
 
     def agree(g: int) -> tuple[int, int]:
         values = torch.tensor([g, -g], dtype=torch.int64, device=device)
@@ -126,6 +127,6 @@ def acco_node_layout(ranks: list[int], rank: int, group: Any, device: Any, timeo
 
     def log(line: str) -> None:
         if rank == 0:
-            logger.info(line)
+            acco_log.info(line)
 
     return node_layout(ranks, rank, agree, lambda members: acco_process_group(members, timeout_s), log)

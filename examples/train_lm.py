@@ -120,6 +120,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_model_data_arguments(p)
     p.add_argument("--max_steps", type=int, default=60, help="stop after this many committed optimizer steps")
+    p.add_argument("--schedule_steps", type=int, default=None,
+                   help="the decaying LR schedule's length (WarmupDecayLR/WarmupCosineLR total_num_steps; default "
+                   "--max_steps): a run stopped early and resumed keeps its schedule")
     p.add_argument("--lr", type=float, default=None, help="override the config's optimizer lr (and warmup_max_lr)")
     p.add_argument("--eval_every", type=int, default=10, help="held-out loss every N steps (0: only first/last)")
     p.add_argument("--eval_batches", type=int, default=8, help="micro-batches in the fixed held-out set "
@@ -140,13 +143,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_ds_config(args: argparse.Namespace) -> dict[str, Any]:
     """The DeepSpeed config dict, with ``--lr`` applied and a decaying LR schedule (``WarmupDecayLR``,
-    ``WarmupCosineLR``) decaying over ``--max_steps``: ACCO matches ZeRO-1 with an LR that decays after its
+    ``WarmupCosineLR``) decaying over ``--schedule_steps`` (default ``--max_steps``): ACCO matches ZeRO-1 with an LR that decays after its
     warm-up (docs/convergence.md)."""
     with open(args.deepspeed_config) as fh:
         config: dict[str, Any] = json.load(fh)
     scheduler = config.get("scheduler", {})
     if scheduler.get("type") in ("WarmupDecayLR", "WarmupCosineLR"):
-        scheduler.setdefault("params", {})["total_num_steps"] = args.max_steps
+        scheduler.setdefault("params", {})["total_num_steps"] = args.schedule_steps or args.max_steps
     if args.lr is not None:
         config.setdefault("optimizer", {}).setdefault("params", {})["lr"] = args.lr
         sched = config.get("scheduler", {}).get("params", {})

@@ -167,10 +167,11 @@ def test_zero1_config_runs_without_acco(zero1_run: tuple[Path, str], acco_run: t
 def test_resume_continues_steps_data_and_loss(tmp_path: Path, acco_run: tuple[Path, str]) -> None:
     """--save_every then --resume continues at step N+1 with its loss; steps N+1.. equal the uninterrupted run."""
     out = tmp_path / "resume"
-    first = train_lm(out, ACCO_CONFIG, "--max_steps", str(RESUME_FROM), "--save_every", str(RESUME_FROM))
+    schedule = ("--schedule_steps", str(MAIN_STEPS))  # the uninterrupted run's LR schedule, stopped early
+    first = train_lm(out, ACCO_CONFIG, "--max_steps", str(RESUME_FROM), "--save_every", str(RESUME_FROM), *schedule)
     assert_ranks_done(first, "train_lm done")
     assert (out / "checkpoints" / "latest").read_text().strip() == f"step{RESUME_FROM}"
-    second = train_lm(out, ACCO_CONFIG, "--max_steps", str(RESUME_TO), "--resume")
+    second = train_lm(out, ACCO_CONFIG, "--max_steps", str(RESUME_TO), "--resume", *schedule)
     assert_ranks_done(second, "train_lm done")
     assert f"at step {RESUME_FROM}" in second
 

@@ -64,5 +64,5 @@ def test_markdown_says_did_not_reach() -> None:
               "calibration": {"tiny": {"C_s": 1.0, "M_unshaped_s": 0.05, "n_params": 10, "micro_batch": 8, "ga": 4}}}
     add_derived(result)
     text = markdown(result)
-    assert "| ACCO | 0/1 | did not reach" in text, text
-    assert "best ACCO variant <= 0.6x ZeRO-1's at M/C 2: did not reach (ACCO): missed" in text, text
+    assert "| ACCO 0.75 | 0/1 | did not reach" in text, text
+    assert "best ACCO variant <= 0.6x ZeRO-1's at M/C 2: did not reach (ACCO 0.75): missed" in text, text
