@@ -143,8 +143,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def load_ds_config(args: argparse.Namespace) -> dict[str, Any]:
     """The DeepSpeed config dict, with ``--lr`` applied and a decaying LR schedule (``WarmupDecayLR``,
-    ``WarmupCosineLR``) decaying over ``--schedule_steps`` (default ``--max_steps``): ACCO matches ZeRO-1 with an LR that decays after its
-    warm-up (docs/convergence.md)."""
+    ``WarmupCosineLR``) decaying over ``--schedule_steps`` (default ``--max_steps``): ACCO matches
+    ZeRO-1 with an LR that decays after its warm-up (docs/convergence.md)."""
     with open(args.deepspeed_config) as fh:
         config: dict[str, Any] = json.load(fh)
     scheduler = config.get("scheduler", {})
