@@ -28,12 +28,15 @@ from deepspeed_acco.plan import Timing, step_time_s
 
 __all__ = ["add_derived", "write_report", "markdown", "main"]
 
-CASE_ORDER = ("zero1", "acco", "acco_int8", "acco_half", "acco_half_int8", "acco_auto", "dpu", "acco_adaptive")
+CASE_ORDER = ("zero1", "acco", "acco_int8", "acco_half", "acco_half_int8", "acco_auto", "acco_int8_commit", "dpu",
+              "acco_adaptive")
 CASE_LABEL = {"zero1": "ZeRO-1", "acco": "ACCO 0.75", "acco_int8": "ACCO 0.75+int8", "acco_half": "ACCO 0.5",
-              "acco_half_int8": "ACCO 0.5+int8", "acco_auto": "ACCO automatic", "dpu": "DPU",
+              "acco_half_int8": "ACCO 0.5+int8", "acco_auto": "ACCO automatic",
+              "acco_int8_commit": "ACCO int8 both (lossy)", "dpu": "DPU",
               "acco_adaptive": "ACCO adaptive"}
 CASE_COLOR = {"zero1": "tab:gray", "acco": "tab:blue", "acco_int8": "tab:purple", "acco_half": "tab:cyan",
-              "acco_half_int8": "tab:pink", "acco_auto": "tab:red", "dpu": "tab:orange", "acco_adaptive": "tab:green"}
+              "acco_half_int8": "tab:pink", "acco_auto": "tab:red", "acco_int8_commit": "tab:brown",
+              "dpu": "tab:orange", "acco_adaptive": "tab:green"}
 PLANNER_METHOD = {"acco_half": "acco", "acco_half_int8": "acco_int8", "acco_adaptive": "acco"}
 """The planner's method of each case whose schedule is one of the planner's (``acco_auto``: of its choice)."""
 

@@ -110,7 +110,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ttt.add_argument("--time_to_target", action="store_true",
                      help="instead of the step-time sweep: ZeRO-1 trains --steps steps and its final held-out loss "
                           "is the target; every method then trains until it reaches it or the cap (quick: tiny, "
-                          "M/C 0.5 and 2, 3 seeds, 40-step budget, about 1.5 h on a 2-core AMD EPYC VM)")
+                          "M/C 0.5, 2 and 4, 3 seeds, 40-step budget; about 20 min for four methods on a 2-core VM)")
     ttt.add_argument("--seeds", default=None, help="model/data seeds, one launch per seed and M/C (quick: 1,2,3)")
     ttt.add_argument("--eval_every_steps", type=float, default=None,
                      help="evaluate every this many of ZeRO-1's steps' worth of tokens (quick: 4)")
@@ -120,7 +120,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.time_to_target:
         preset = {"ratios": "0.5", "skip": 1, "presets": "tiny", "seeds": "1", "steps": 6, "eval_every_steps": 2,
                   "methods": ",".join(TTT_METHODS)} if args.smoke else \
-            {"ratios": "0.5,2", "skip": 2, "presets": "tiny", "seeds": "1,2,3", "steps": 40, "eval_every_steps": 4,
+            {"ratios": "0.5,2,4", "skip": 2, "presets": "tiny", "seeds": "1,2,3", "steps": 40, "eval_every_steps": 4,
              "methods": ",".join(TTT_METHODS)}
         preset.update(reps=1, cap_factor=2.0)
         args.hetero_slowdown = 0.0
@@ -306,7 +306,8 @@ def summarize_case(case: dict[str, Any], skip: int) -> dict[str, Any]:
     r0 = ranks[0]
     steps, ga, world, tpm = r0["steps"], r0["ga"], r0["world_size"], r0["tokens_per_micro_batch"]
     acco = r0["acco"]
-    rounds_per_step = 2 if case["case"] in ("acco", "acco_int8", "acco_adaptive", "acco_half", "acco_half_int8") \
+    rounds_per_step = 2 if case["case"] in ("acco", "acco_int8", "acco_adaptive", "acco_half", "acco_half_int8",
+                                            "acco_int8_commit") \
         or (case["case"] == "acco_auto" and r0.get("auto_schedule") not in (None, "sync")) else 1
     excluded = set(range(1, skip + 1)) | set(r0["paused_steps"])
     decisions = r0.get("auto_decisions") or []

@@ -44,10 +44,11 @@ METHODS = ("zero1", "acco", "acco_int8", "dpu", "acco_adaptive", "acco_auto")
 acco.json with the int8-compressed estimate round, dpu.json, acco.json with adaptive accumulation, and acco.json's
 block as it is (``{"enabled": true}``: the automatic schedule, ``deepspeed_acco/schedule.py``)."""
 
-CASES = (*METHODS, "acco_adaptive_sqrt", "acco_half", "acco_half_int8")
-"""Cases a worker can run: ``METHODS``, adaptive accumulation with ``acco.lr_scaling = "sqrt"``, and the equal
-halves (``estimate_fraction`` 0.5) plain and with the int8 estimate: with ``acco`` and ``acco_int8`` the fixed
-schedules the automatic one chooses among."""
+CASES = (*METHODS, "acco_adaptive_sqrt", "acco_half", "acco_half_int8", "acco_int8_commit")
+"""Cases a worker can run: ``METHODS``, adaptive accumulation with ``acco.lr_scaling = "sqrt"``, the equal
+halves (``estimate_fraction`` 0.5) plain and with the int8 estimate (with ``acco`` and ``acco_int8`` the fixed
+schedules the automatic one chooses among), and ``acco_int8`` with the compressed commit
+(``acco.commit_compression = "int8"``, opt-in and lossy)."""
 
 AUTO_EXTRA_STEPS = 10
 """``acco_auto`` trains this many steps more than the others: its trials (3 schedules x 3 steps) and the first
@@ -103,7 +104,10 @@ def build_config(method: str, args: argparse.Namespace) -> dict[str, Any]:
         sched["params"]["total_num_steps"] = 4 * args.steps + AUTO_EXTRA_STEPS
     config.pop("train_batch_size", None)
     if "acco" in config and method != "acco_auto":  # every other case pins its schedule
-        config["acco"]["estimate_compression"] = "int8" if method in ("acco_int8", "acco_half_int8") else "none"
+        config["acco"]["estimate_compression"] = "int8" if method in ("acco_int8", "acco_half_int8",
+                                                                       "acco_int8_commit") else "none"
+        if method == "acco_int8_commit":
+            config["acco"]["commit_compression"] = "int8"
         if method in ("acco_half", "acco_half_int8"):
             config["acco"]["estimate_fraction"] = 0.5
     if method.startswith("acco_adaptive"):
@@ -113,7 +117,7 @@ def build_config(method: str, args: argparse.Namespace) -> dict[str, Any]:
     if "acco" in config:
         config["acco"]["round_timeout_s"] = args.timeout_s
         config["acco"]["sync_steps"] = 0  # the benchmark measures each schedule from the first step
-        if args.estimate_fraction is not None and method in ("acco", "acco_int8"):
+        if args.estimate_fraction is not None and method in ("acco", "acco_int8", "acco_int8_commit"):
             config["acco"]["estimate_fraction"] = args.estimate_fraction
     return config
 

@@ -90,6 +90,14 @@ class AccoConfig(DeepSpeedConfigModel):
     (or ``estimate_fraction``) pins the schedule; left out, the automatic schedule may pick it. Mode ``"acco"`` only.
     How and figures: docs/how-it-works.md, "The compressed estimate round"."""
 
+    commit_compression: Literal["none", "int8"] = "none"
+    """``"int8"`` (opt-in, lossy, for links where one ZeRO-1 round outlasts a step's compute): the commit round too is
+    sent as block-wise int8, and what its quantization loses is carried into the next step's commit (error feedback),
+    so no gradient mass is lost, part of it arrives a step late. The weights are rebuilt from an int8 update against
+    the committed weights every rank holds, so they stay within half a quantization step of the fp32 master. About
+    half of ZeRO-1's bytes with ``estimate_compression="int8"``; the commit is no longer ZeRO-1's exact update.
+    Nothing automatic turns it on. When to use it and figures: docs/how-it-works.md, "The compressed commit"."""
+
     estimate_fraction: float = Field(0.75, gt=0.0, lt=1.0)
     """Share of each step's micro-batches computed at the estimate (rounded half up, at least 1 and leaving 1: 3 of
     4 at 0.75); the rest are computed at theta_t, and the commit is exact either way. 0.75 converges closer to

@@ -85,6 +85,9 @@ What the measurements and the schedule add to the field descriptions above:
   several ranks share a node the round compresses only what crosses the node's link
   ([How it works](how-it-works.md#the-compressed-estimate-round), [Performance](performance.md)). In mode
   `"dpu"` it is ignored with a warning.
+- `commit_compression`: `"int8"` only where the planner says a ZeRO-1 round outlasts the step's compute and you
+  have checked its loss on your model: the commit is then no longer ZeRO-1's exact update (error feedback carries
+  what quantization loses into the next step) ([How it works](how-it-works.md#the-compressed-commit)).
 - `estimate`: the default `"extrapolated"` computes the estimate half's gradients slightly ahead of the paper's
   estimate (its update x 1.1 plus 0.2 x the previous estimate's offset). It ended closer to ZeRO-1 than the
   paper's estimate in every cell measured but one: the tiny GPT-2 (3 seeds, simulation, and the package's

@@ -90,16 +90,18 @@ class AccoZeroOptimizer(CommittedWeights, ScheduleSwitching, CheckpointedPipelin
         # The automatic schedule (schedule.py) may pick the int8 estimate: its kernels and node groups are made here.
         self._auto = AutoSchedule() if acco and acco_config.automatic_schedule else None
         compression = "int8" if self._auto is not None else acco_config.estimate_compression if acco else "none"
+        commit_compression = acco_config.commit_compression
         layout = acco_node_layout(ranks, self._rank, self._acco_group, flats[0].device, self._timeout_s) \
-            if compression != "none" else None
+            if "int8" in (compression, commit_compression) else None
         self._round = ShardedRound(  # dpu has no estimate round: nothing to compress or shift
             base_optimizer=self.optimizer, master_shards=list(self.single_partition_of_fp32_groups),
             shadow_flats=self._shadows, group=self._acco_group, rank=self._rank, world_size=self._world,
             comm_dtype=self.communication_data_type, clip_grad=float(self.clip_grad), compression=compression,
             block=acco_config.compression_block_size, stream=self._stream, layout=layout,
+            commit_compression=commit_compression,
             estimate_shift=ESTIMATE_SHIFTS[acco_config.estimate if acco else "paper"])
         self._kernels_ready = False
-        if self._auto is None:  # the automatic schedule compiles them when it first tries the int8 estimate
+        if self._auto is None or commit_compression != "none":  # else compiled when auto first tries int8
             self._prepare_kernels()
         self._shift_estimate = self._round.estimate_shift != ESTIMATE_SHIFTS["paper"]
         self._compress = compression != "none"
@@ -296,7 +298,7 @@ class AccoZeroOptimizer(CommittedWeights, ScheduleSwitching, CheckpointedPipelin
                          num_micro_batches=self._micro, loss_scale=loss_scale,
                          hyperparams=[{k: v for k, v in g.items() if k not in _HYPERPARAM_SKIP}
                                       for g in self.optimizer.param_groups],
-                         base_flats=list(self.bit16_groups_flat) if kind is RoundKind.ESTIMATE else [],
+                         base_flats=self._base_flats(kind, finishing),
                          estimate_at=estimate_at,
                          loss_divisor=self._loss_divisor(kind), ready_event=ready,
                          lr_nominal=self._lr_nominal(kind))
@@ -314,6 +316,15 @@ class AccoZeroOptimizer(CommittedWeights, ScheduleSwitching, CheckpointedPipelin
         if self._mode == "acco":
             self._next_kind = RoundKind.COMMIT if kind is RoundKind.ESTIMATE else RoundKind.ESTIMATE
         self._half_start = time.perf_counter()
+
+    def _base_flats(self, kind: RoundKind, finishing: RoundKind | None) -> list[torch.Tensor]:
+        """``RoundSpec.base_flats``: theta_t as every rank holds it, which a compressed round adds its update to: the
+        live flats, except at a commit launched after its estimate, whose load moved theta_t into the shadows."""
+        if kind is RoundKind.ESTIMATE:
+            return list(self.bit16_groups_flat)
+        if self._round.commit_compression == "none":
+            return []
+        return list(self._shadows if finishing is RoundKind.ESTIMATE else self.bit16_groups_flat)
 
     def _schedule_name(self) -> str:
         """What this step runs (``StepMetrics.schedule``)."""

@@ -242,7 +242,7 @@ class ShardedRound:
                  shadow_flats: list[torch.Tensor], group: Any, rank: int, world_size: int,
                  comm_dtype: torch.dtype, clip_grad: float, compression: str = "none", block: int = 256,
                  estimate_shift: tuple[float, float] = (1.0, 0.0), stream: Any = None,
-                 layout: NodeLayout | None = None) -> None:
+                 layout: NodeLayout | None = None, commit_compression: str = "none") -> None:
         self.base_optimizer = base_optimizer
         self.master_shards = master_shards
         self.shadow_flats = shadow_flats
@@ -255,14 +255,20 @@ class ShardedRound:
         self.block = block
         self.estimate_shift = estimate_shift
         self.stream = stream
-        self.layout = layout if compression == "int8" else None
-        self.quantizer = Quantizer(block, warn=logger.warning) if compression == "int8" else None
+        self.commit_compression = commit_compression
+        int8 = "int8" in (compression, commit_compression)
+        self.layout = layout if int8 else None
+        self.quantizer = Quantizer(block, warn=logger.warning) if int8 else None
         self.fused = FusedAdam(base_optimizer, master_shards) if FusedAdam.supports(base_optimizer, master_shards) \
             else None
         self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
         self._all_reduce_scatters = _is_gloo(group)
         self._carried: list[torch.Tensor] | None = None
         self._carried_count = 0
+        self.commit_residual: list[torch.Tensor] | None = None
+        """Compressed commit: c^r, what the last commit's quantization lost of this rank's buffer (each group's
+        flat, in the accumulation dtype and the loss scale ``commit_residual_scale``); None: zero."""
+        self.commit_residual_scale = 1.0
 
     def reset(self) -> None:
         """Forget the estimate's gradient (after a flush the next round is an estimate)."""
@@ -271,6 +277,13 @@ class ShardedRound:
 
     def _compressed(self, spec: RoundSpec) -> bool:
         return spec.kind is RoundKind.ESTIMATE and self.compression == "int8"
+
+    def _compressed_commit(self, spec: RoundSpec) -> bool:
+        return spec.kind is RoundKind.COMMIT and self.commit_compression == "int8"
+
+    def drop_commit_residual(self) -> None:
+        """Forget the compressed commit's residual (a step skipped for non-finite gradients, a load without it)."""
+        self.commit_residual = None
 
     def _buffer(self, name: str, index: int, shape: tuple[int, ...], dtype: torch.dtype,
                 device: torch.device) -> torch.Tensor:
@@ -301,6 +314,8 @@ class ShardedRound:
             blocks = scales_per_row(chunk, self.block)
             dev = flat.device
             rows = self.world_size if self.layout is None else self.layout.nodes
+            update_old = torch.zeros(chunk, dtype=flat.dtype if self.commit_compression == "int8" else torch.float32,
+                                     device=dev)  # a commit's update is measured from the weights the ranks hold
             q = torch.zeros(rows, chunk, dtype=torch.int8, device=dev)
             s = torch.ones(rows, blocks, device=dev)
             gathered_q = torch.zeros(self.world_size, chunk, dtype=torch.int8, device=dev)
@@ -313,7 +328,10 @@ class ShardedRound:
                                       device=dev)
             examples += [("quantize_residual_", (residual_of,)), ("dequantize_sum", (q, s)),
                          ("quantize_update", (torch.zeros(chunk, device=dev), torch.zeros(chunk, device=dev))),
+                         ("quantize_update", (torch.zeros(chunk, device=dev), update_old)),
                          ("rebuild_", (torch.empty_like(flat), flat, gathered_q, gathered_s))]
+            if self.commit_compression == "int8":
+                examples.append(("apply_update_", (torch.empty_like(flat), gathered_q, gathered_s)))
         return self.quantizer.prepare(examples)
 
     def run(self, spec: RoundSpec) -> RoundResult:
@@ -326,20 +344,25 @@ class ShardedRound:
         with ctx, torch.no_grad():
             if spec.ready_event is not None:
                 self.stream.wait_event(spec.ready_event)
+            compressed = self._compressed(spec) or self._compressed_commit(spec)
             with _timed(phase, phase_cpu, "reduce_scatter"):
-                sums = self._reduce_scatter_quantized(spec) if self._compressed(spec) else \
-                    self._reduce_scatter_grads(spec)
+                sums = self._reduce_scatter_quantized(spec) if compressed else self._reduce_scatter_grads(spec)
             both_halves = spec.kind is RoundKind.COMMIT and self._carried is not None
             with _timed(phase, phase_cpu, "norm"):
                 counts, total, sumsq = self._all_reduce_counts_and_norm(spec, sums)
             norm = (sumsq ** 0.5) * spec.loss_divisor / total if total else 0.0
             overflow = not (sumsq == sumsq and sumsq != float("inf"))
+            if overflow and self._compressed_commit(spec):
+                self.drop_commit_residual()  # as ZeRO-1 drops the skipped step's gradients
             lr_factor = _lr_factor(spec, total, both_halves)
             with _timed(phase, phase_cpu, "step"):
                 stepped = self._step_shard(spec, sums, total, norm, overflow, lr_factor)
             with _timed(phase, phase_cpu, "all_gather"):
                 if self._compressed(spec):
-                    self._all_gather_quantized_update(spec, stepped)
+                    self._all_gather_quantized_update(spec, stepped, self.master_shards)
+                elif self._compressed_commit(spec):  # the update from the committed weights every rank holds
+                    held = [rank_partition(flat, self.rank, self.world_size) for flat in spec.base_flats]
+                    self._all_gather_quantized_update(spec, stepped, held)
                 else:
                     self._all_gather_params(stepped)
             done_event = None
@@ -409,9 +432,18 @@ class ShardedRound:
         ``l`` on the other nodes. What the quantization lost stays in the buffer (flat: ``G~ - deQ(Q(G~))``;
         node-aware: the node sum's residual at this rank's slice, zero elsewhere); the training thread adds it
         to the commit half's gradients, so the commit sums exactly what was computed.
+
+        A compressed commit sends its buffer the same way, with the residual of the commit before added first
+        (error feedback, rescaled to this round's loss scale), keeps the new residual in ``commit_residual``, and
+        adds the carried estimate sums as the exact commit does.
         """
         assert self.quantizer is not None, "a compressed round has a quantizer"
         layout = self.layout
+        commit = self._compressed_commit(spec)
+        if commit and self.commit_residual is not None:
+            rescale = spec.loss_scale / self.commit_residual_scale
+            for flat, residual in zip(spec.grads, self.commit_residual):
+                flat.add_(residual, alpha=rescale)
         sums = []
         for i, flat in enumerate(spec.grads):
             if layout is None:
@@ -432,7 +464,15 @@ class ShardedRound:
             summed = self.quantizer.dequantize_sum(recv_q, recv_s)
             if spec.loss_scale != 1.0:
                 summed.mul_(1.0 / spec.loss_scale)
+            if commit and self._carried is not None:
+                summed.add_(self._carried[i])
             sums.append(summed)
+        if commit:  # the buffers go back to the training thread, which zeroes them: the residual is kept apart
+            if self.commit_residual is None:
+                self.commit_residual = [torch.empty_like(flat) for flat in spec.grads]
+            for residual, flat in zip(self.commit_residual, spec.grads):
+                residual.copy_(flat)
+            self.commit_residual_scale = spec.loss_scale
         return sums
 
     def _all_reduce_counts_and_norm(self, spec: RoundSpec, sums: list[torch.Tensor]) -> tuple[list[int], int, float]:
@@ -500,19 +540,22 @@ class ShardedRound:
             dist.all_gather_into_tensor(flat, own, group=self.group)
             self._bytes += self._ring_bytes(flat.numel(), flat.element_size())
 
-    def _all_gather_quantized_update(self, spec: RoundSpec, stepped: list[torch.Tensor]) -> None:
-        """The compressed estimate's all-gather: every rank rebuilds theta~ = theta_t + deQ(Q(theta~ - theta_t)).
+    def _all_gather_quantized_update(self, spec: RoundSpec, stepped: list[torch.Tensor],
+                                     old: list[torch.Tensor]) -> None:
+        """A compressed all-gather: every rank rebuilds the new weights as theta_t + deQ(Q(new - old)).
 
-        Each rank quantizes the update of its fp32 master shard (small, it quantizes well); the int8 updates
-        and their scales are all-gathered (node-aware: among the ranks of this local index across the nodes,
-        then inside the node), and every rank adds them to its own copy of theta_t (the live flat parameters,
-        identical on every rank), in fp32, then casts.
+        Estimate: each rank quantizes the update of its fp32 master shard (``old``: the master, small updates
+        quantize well). Compressed commit: the update of the stepped master from the committed weights the ranks
+        hold (``old``: this rank's partition of them), so the weights never drift from the master by more than
+        half a quantization step. The int8 updates and their scales are all-gathered (node-aware: among the ranks
+        of this local index across the nodes, then inside the node), and every rank adds them to its own copy of
+        theta_t (``spec.base_flats``, identical on every rank; in place when they are the shadows), in fp32, then
+        casts.
         """
         assert self.quantizer is not None, "a compressed round has a quantizer"
         layout = self.layout
-        for i, (flat, base, shard, master) in enumerate(zip(self.shadow_flats, spec.base_flats, stepped,
-                                                            self.master_shards)):
-            q, scales = self.quantizer.quantize_update(shard.detach(), master.detach())
+        for i, (flat, base, shard, before) in enumerate(zip(self.shadow_flats, spec.base_flats, stepped, old)):
+            q, scales = self.quantizer.quantize_update(shard.detach(), before.detach())
             chunk, blocks = q.shape[1], scales.shape[1]
             all_q = self._payload(i, self.world_size * chunk, torch.int8, q.device).view(self.world_size, chunk)
             all_s = self._payload(i, self.world_size * blocks, scales.dtype, q.device).view(self.world_size, blocks)
@@ -535,7 +578,10 @@ class ShardedRound:
                 # Gathered as [local index, node]; the flat's chunks are ordered [node, local index].
                 all_q = all_q.view(per_node, nodes, chunk).transpose(0, 1)
                 all_s = all_s.view(per_node, nodes, blocks).transpose(0, 1)
-            self.quantizer.rebuild_(flat, base, all_q, all_s)  # out of place: base is the live model
+            if base.data_ptr() == flat.data_ptr():  # a commit after its estimate: theta_t sits in the shadows
+                self.quantizer.apply_update_(flat, all_q, all_s)
+            else:  # out of place: base is the live model
+                self.quantizer.rebuild_(flat, base, all_q, all_s)
 
 
 def _is_gloo(group: Any) -> bool:

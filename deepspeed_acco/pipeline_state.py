@@ -22,12 +22,15 @@ at any micro-batch, each rank also writes, under ``ACCO_STATE_KEY`` of its optim
 - the pending residual (compressed estimate, in a commit half): what quantization lost of this
   rank's estimate gradients, left in the estimate's buffer until the commit boundary adds it,
   and the loss scale of that estimate half;
+- the compressed commit's residual (``acco.commit_compression``): what the last commit's quantization lost of
+  this rank's buffer, carried into the next commit, and its loss scale; a load without it (plain ZeRO-1,
+  universal) starts it at zero and logs so;
 - the schedule's counters (step, round index, micro-batches in this half and this step, a pending
   commit, the next round's kind, non-finite steps), the metrics records of steps still open, and
   the engine's ``micro_steps``;
 - with the automatic schedule (``schedule.py``), the schedule that runs and the chooser's state (trials,
   measurements, decisions), so that a resumed run goes on with the same decision;
-- what the state is valid for: mode, estimate compression, micro-batches of each half, world size,
+- what the state is valid for: mode, estimate and commit compression, micro-batches of each half, world size,
   flat sizes. A checkpoint that differs in any of them, or has no ACCO state (plain ZeRO-1,
   universal, ``load_optimizer_states=False``), restarts the pipeline from the loaded committed
   parameters, as at the start of training.
@@ -35,7 +38,8 @@ at any micro-batch, each rank also writes, under ``ACCO_STATE_KEY`` of its optim
 Format versions (``"format"``), both loaded: 2 is written now; 1 (0.1.x) stored the carried
 estimate sums multiplied by ``gradient_accumulation_steps`` and no ``step_micro`` (both are
 converted at load). Keys added later within format 2 (``compression``, ``residual``,
-``estimate_loss_scale``, ``nonfinite_*``, ``engine_micro_steps``) take their defaults when absent.
+``estimate_loss_scale``, ``nonfinite_*``, ``engine_micro_steps``, ``commit_compression``,
+``commit_residual``) take their defaults when absent.
 Tensors are stored as CPU clones: ``torch.save`` of a view would write its whole storage.
 """
 
@@ -116,6 +120,10 @@ def save_pipeline_state(opt: AccoZeroOptimizer) -> dict[str, Any]:
         "residual": ([b.detach().cpu().clone() for b in opt._buffers[opt._compute_buffer ^ 1]]
                      if opt._compress and _carries_residual(opt) else None),
         "estimate_loss_scale": opt._estimate_loss_scale,
+        "commit_compression": opt._round.commit_compression,
+        "commit_residual": ([t.detach().cpu().clone() for t in opt._round.commit_residual]
+                            if opt._round.commit_residual is not None else None),
+        "commit_residual_scale": opt._round.commit_residual_scale,
         "open_metrics": [dataclasses.asdict(r) for r in opt.metrics._open.values()],
         "engine_micro_steps": opt._engine_micro_steps,
         "schedule": opt._schedule.name if opt._schedule is not None else None,
@@ -146,13 +154,14 @@ def incompatibility(opt: AccoZeroOptimizer, acco: dict[str, Any] | None) -> str 
     # Checkpoints saved before acco.estimate_fraction existed have equal halves (no commit_min_micro).
     saved = (acco["mode"], acco.get("compression", "none"), acco["min_micro"],
              acco.get("commit_min_micro", acco["min_micro"]), acco["world_size"],
-             acco["flat_numels"])
+             acco["flat_numels"], acco.get("commit_compression", "none"))
     current = (opt._mode, opt._round.compression, opt._half_micro[RoundKind.ESTIMATE],
                opt._half_micro[RoundKind.COMMIT], opt._world,
-               [f.numel() for f in opt.bit16_groups_flat])
+               [f.numel() for f in opt.bit16_groups_flat], opt._round.commit_compression)
     if saved != current:
         names = ("acco.mode", "acco.estimate_compression", "acco.estimate_fraction/gradient_accumulation_steps",
-                 "acco.estimate_fraction/gradient_accumulation_steps", "world size", "the model's flat sizes")
+                 "acco.estimate_fraction/gradient_accumulation_steps", "world size", "the model's flat sizes",
+                 "acco.commit_compression")
         differ = list(dict.fromkeys(name for name, a, b in zip(names, saved, current) if a != b))
         return (f"{', '.join(differ)} differ from the checkpoint's (saved {saved[:5]}, now {current[:5]}); "
                 "use the saved values to resume exactly")
@@ -180,6 +189,18 @@ def restore_pipeline_state(opt: AccoZeroOptimizer, acco: dict[str, Any] | None) 
         logger.warning(f"ACCO load: {reason}; restarting from the committed weights; see "
                        "docs/failures-and-checkpoints.md")
     _shadows_from_live(opt)
+    _without_commit_residual(opt)
+
+
+def _without_commit_residual(opt: AccoZeroOptimizer) -> None:
+    """A load without ACCO's state (universal, elastic, plain ZeRO-1): the compressed commit's residual starts at
+    zero, which drops the gradient mass it carried (at most half a quantization step per value); logged once."""
+    opt._round.drop_commit_residual()
+    if opt._round.commit_compression != "none" and opt._rank == 0 and not getattr(opt, "_said_residual_zero", False):
+        opt._said_residual_zero = True
+        logger.warning("ACCO load: the checkpoint has no commit residual for this run (universal, elastic or "
+                       "ZeRO-1 checkpoint): acco.commit_compression's error feedback starts at zero; see "
+                       "docs/failures-and-checkpoints.md")
 
 
 def _restore(opt: AccoZeroOptimizer, acco: dict[str, Any]) -> None:
@@ -209,6 +230,9 @@ def _restore(opt: AccoZeroOptimizer, acco: dict[str, Any]) -> None:
         for buf, saved in zip(opt._buffers[opt._compute_buffer ^ 1], acco["residual"]):
             buf.copy_(saved)
     opt._estimate_loss_scale = acco.get("estimate_loss_scale", 1.0)
+    residual = acco.get("commit_residual")
+    opt._round.commit_residual = [t.to(device) for t in residual] if residual is not None else None
+    opt._round.commit_residual_scale = acco.get("commit_residual_scale", 1.0)
     opt._micro = acco["micro"]
     in_commit_half = opt._mode == "acco" and acco["next_kind"] == RoundKind.COMMIT.value
     estimate_half = opt._half_micro[RoundKind.ESTIMATE] if in_commit_half else 0
@@ -280,6 +304,7 @@ def after_checkpoint_load(opt: AccoZeroOptimizer, global_steps: int) -> None:
                            f"{global_steps}")
         return
     discard_pipeline(opt)
+    _without_commit_residual(opt)
     opt._nonfinite.in_a_row = 0
     opt._step = global_steps
     opt._round_index = global_steps * (2 if opt._mode == "acco" else 1)

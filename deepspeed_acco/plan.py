@@ -23,6 +23,9 @@ runs:
 - ACCO: ``max(f C, M) + max((1 - f) C, M)``: two rounds per step, each behind one half of the step's compute.
 - ACCO, int8 estimate: ``max(f C, M) + max((1 - f) C, M_est)``: the exact commit round behind the estimate
   half, the compressed estimate round behind the commit half.
+- ACCO, int8 both (``acco.commit_compression="int8"``, opt-in, lossy): ``max(f C, M_est) + max((1 - f) C,
+  M_est)``: the commit round compressed like the estimate's. Never recommended, only reported when it is
+  predicted faster than the recommendation.
 - ACCO, adaptive: each half computes ``n`` micro-batches, ``n`` = enough to cover the round in flight,
   between the half's minimum and the cap; a step then carries more tokens.
 - DPU: ``max(C, M)``: one round per step, gradients one step stale.
@@ -49,8 +52,9 @@ from deepspeed_acco.split import split_micro_batches
 __all__ = ["METHODS", "Cluster", "Timing", "Prediction", "half_step_s", "step_time_s", "timing_from_cluster",
            "int8_estimate_fraction", "quantize_s", "memory_per_rank", "predict", "recommend", "main"]
 
-METHODS = ("zero1", "acco", "acco_int8", "acco_adaptive", "dpu")
-LABELS = {"zero1": "ZeRO-1", "acco": "ACCO", "acco_int8": "ACCO, int8 estimate", "acco_adaptive": "ACCO, adaptive",
+METHODS = ("zero1", "acco", "acco_int8", "acco_int8_commit", "acco_adaptive", "dpu")
+LABELS = {"zero1": "ZeRO-1", "acco": "ACCO", "acco_int8": "ACCO, int8 estimate",
+          "acco_int8_commit": "ACCO, int8 both (lossy)", "acco_adaptive": "ACCO, adaptive",
           "dpu": "DPU (stale gradients)"}
 # A switch is recommended only when it is predicted this much faster: below it, the model's error and
 # the round's fixed costs decide, not the link.
@@ -158,6 +162,9 @@ def step_time_s(method: str, timing: Timing) -> tuple[float, float]:
         return half_step_s(f_est * c, m)[0] + half_step_s(f_commit * c, m)[0], ga
     if method == "acco_int8":
         return half_step_s(f_est * c, m)[0] + half_step_s(f_commit * c, timing.estimate_round_s)[0], ga
+    if method == "acco_int8_commit":  # the compressed commit round is shaped like the compressed estimate round
+        est = timing.estimate_round_s
+        return half_step_s(f_est * c, est)[0] + half_step_s(f_commit * c, est)[0], ga
     if method == "acco_adaptive":
         cap = timing.max_micro_batches_per_round or 2 * ga
         t_slow = c / ga
@@ -220,8 +227,9 @@ def memory_per_rank(method: str, params: float, world_size: int, param_bytes: in
     - ACCO: parameters P b, two accumulation buffers 2 P a, the shadow parameters the rounds all-gather into P b,
       the optimizer shard 12 P / N, the rounds' reduced gradient shards 2 x 4 P / N (the estimate's is carried
       into the commit) and the fused estimate's scratch copies of the shard, its gradient and both moments
-      4 x 4 P / N; the int8 estimate adds its payload buffer, P (1 + 4 / block); DPU has one reduced shard and no
-      estimate. ``benchmarks/round_profile.py`` checks this against the tensors' storages.
+      4 x 4 P / N; the int8 estimate adds its payload buffer, P (1 + 4 / block), and the compressed commit also
+      its residual, P a; DPU has one reduced shard and no estimate. ``benchmarks/round_profile.py`` checks this
+      against the tensors' storages.
     """
     p, n, b, a = float(params), float(world_size), float(param_bytes), float(accum_bytes)
     parts = {"parameters": p * b, "optimizer shard": 12 * p / n}
@@ -232,8 +240,10 @@ def memory_per_rank(method: str, params: float, world_size: int, param_bytes: in
                   "reduced shards": (4 if method == "dpu" else 8) * p / n})
     if method != "dpu":
         parts["fused estimate scratch"] = 16 * p / n
-    if method == "acco_int8":
+    if method in ("acco_int8", "acco_int8_commit"):
         parts["int8 payload"] = p * (1 + 4 / block)
+    if method == "acco_int8_commit":
+        parts["commit residual"] = p * a
     return parts
 
 
@@ -262,13 +272,15 @@ def recommend(predictions: list[Prediction]) -> tuple[str, str]:
     ZeRO-1 unless ACCO is predicted at least ``MIN_GAIN`` faster; the int8 estimate only when it beats
     plain ACCO by as much. DPU is never recommended (its gradients are a step stale), nor adaptive
     accumulation for identical ranks (it raises tokens per step, not progress per second; it pays off
-    when ranks differ in speed).
+    when ranks differ in speed), nor the compressed commit (lossy: opt-in; ``report`` names it where it is
+    predicted faster).
     """
     by = {p.method: p for p in predictions}
     zero1, acco, int8 = by["zero1"].step_s, by["acco"].step_s, by["acco_int8"].step_s
     if zero1 < MIN_GAIN * min(acco, int8):
         return "zero1", (f"ACCO is not predicted {MIN_GAIN:.2f}x faster (ZeRO-1 {zero1:.3g} s, ACCO {acco:.3g} s, "
-                         f"int8 estimate {int8:.3g} s per step): the link is fast enough for ZeRO-1")
+                         f"int8 estimate {int8:.3g} s per step): "
+                         "an exact-commit overlap gains nothing here")
     if acco < MIN_GAIN * int8:
         return "acco", f"ACCO overlaps the rounds with compute: {zero1 / acco:.2f}x ZeRO-1's step rate"
     return "acco_int8", (f"a round is longer than the half of a step it hides behind; the int8 estimate shortens one: "
@@ -340,6 +352,12 @@ def report(timing: Timing, world_size: int, tokens_per_rank_per_step: float, hea
             lines.append(f"  {LABELS[method]}: {sum(memory[method].values()) / 1e9:.2f} GB = {parts}")
     method, why = recommend(preds)
     lines += ["", f"use: {LABELS[method]}: {why}."]
+    lossy = next(p for p in preds if p.method == "acco_int8_commit")
+    chosen = next(p for p in preds if p.method == method)
+    if lossy.step_s * MIN_GAIN <= chosen.step_s:
+        lines.append(f"opt-in: acco.commit_compression='int8' is predicted {zero1.step_s / lossy.step_s:.2f}x ZeRO-1's "
+                     "step rate; its commit is no longer exact (error feedback), so check its loss on your model "
+                     "first (docs/how-it-works.md#the-compressed-commit).")
     if memory and gpu_mem_gb is not None and sum(memory[method].values()) / 1e9 > gpu_mem_gb:
         parts = memory[method]
         bf16 = sum(parts.values()) - parts.get("accumulation buffers", 0.0) / 2

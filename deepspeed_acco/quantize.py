@@ -24,8 +24,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-__all__ = ["QMAX", "BLOCK_SIZES", "Quantizer", "check_block_size", "quantize_rows", "quantize_rows_residual_",
-           "quantize_update", "dequantize_rows", "dequantize_sum", "rebuild_", "scales_per_row"]
+__all__ = ["QMAX", "BLOCK_SIZES", "Quantizer", "apply_update_", "check_block_size", "quantize_rows",
+           "quantize_rows_residual_", "quantize_update", "dequantize_rows", "dequantize_sum", "rebuild_",
+           "scales_per_row"]
 
 QMAX = 127.0
 BLOCK_SIZES = tuple(1 << k for k in range(4, 17))
@@ -109,9 +110,15 @@ def rebuild_(out: torch.Tensor, base: torch.Tensor, q: torch.Tensor, scales: tor
     out.copy_((base.float() + update).to(out.dtype))
 
 
+def apply_update_(out: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, block: int) -> None:
+    """``out = out + deQ(q)`` in fp32, cast to ``out``'s dtype (``rebuild_`` in place; ``out`` is ``[rows, n]``)."""
+    update = dequantize_rows(q, scales, block).reshape(out.shape)
+    out.copy_((out.float() + update).to(out.dtype))
+
+
 _KERNELS: dict[str, Callable[..., Any]] = {
     "quantize_residual": quantize_rows_residual_, "quantize_update": quantize_update,
-    "dequantize_sum": dequantize_sum, "rebuild": rebuild_}
+    "dequantize_sum": dequantize_sum, "rebuild": rebuild_, "apply_update": apply_update_}
 
 
 def _signature(args: Sequence[Any]) -> tuple[Any, ...]:
@@ -255,3 +262,16 @@ class Quantizer:
         if whole:
             self._call("rebuild", rows_out[:, :whole], rows_base[:, :whole], q[..., :whole], scales[..., :-1])
         rebuild_(rows_out[:, whole:], rows_base[:, whole:], q[..., whole:], scales[..., -1:], self.block)
+
+    def apply_update_(self, out: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> None:
+        """``out += deQ(q)`` in fp32, then cast: ``rebuild_`` with ``base`` = ``out`` (a kernel may not alias)."""
+        n = q.shape[-1]
+        whole = self._whole(n)
+        rows_out = out.view(-1, n)
+        if whole == n or self._eager():
+            self._call("apply_update", rows_out, q, scales) if whole else \
+                apply_update_(rows_out, q, scales, self.block)
+            return
+        if whole:
+            self._call("apply_update", rows_out[:, :whole], q[..., :whole], scales[..., :-1])
+        apply_update_(rows_out[:, whole:], q[..., whole:], scales[..., -1:], self.block)

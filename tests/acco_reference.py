@@ -373,6 +373,8 @@ def reference_train(
     estimate_shift: tuple[float, float] = (1.0, 0.0),
     estimate_micro_batches: int | None = None,
     sync_steps: int = 0,
+    commit_compression: Literal["none", "int8"] = "none",
+    held_out: list[list[torch.Tensor]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Simulate ``len(batches)`` data-parallel ranks and return the committed parameters.
 
@@ -437,6 +439,15 @@ def reference_train(
         sync_steps: acco: the first ``sync_steps`` steps are ZeRO-1's: one round of ``GA`` micro-batches per rank
             at theta_t (nominal count ``GA`` for ``lr_scaling``); the pipeline then starts from the committed
             weights as at the start of training.
+        commit_compression: ``"int8"``: the compressed commit with error feedback (acco-algorithm.md): every
+            rank (every node's exact sum where ``ranks_per_node > 1``) quantizes, chunk by chunk, its commit
+            gradients plus the estimate's residual plus its own commit residual c from the step before; the owners
+            sum the dequantized chunks (and the estimate's sums); c becomes what this quantization lost (dropped
+            when the step's sum is non-finite). The ranks then hold theta_{t+1} = theta_t + deQ(Q(master_{t+1} -
+            theta_t)) per chunk, theta_t being the weights they held (not the fp32 master), and compute there;
+            an estimate is rebuilt from them too. The returned parameters are the fp32 master.
+        held_out: with ``commit_compression``, a list the weights the ranks hold after each step are appended to
+            (flat, padded), to compare with the master.
 
     Returns:
         ``theta_T`` as ``name -> fp32 tensor`` in ``model.named_parameters()`` order.
@@ -495,47 +506,104 @@ def reference_train(
             lr_factors.append(f)
         return f
 
-    compute_at = sim.snapshot_params()
+    cc = commit_compression == "int8"
+    units = num_ranks // ranks_per_node  # who quantizes a commit: each rank, or each node's exact sum
+    held = _padded(torch.cat([m.detach().reshape(-1) for m in sim.master]), num_ranks)  # what the ranks hold
+    carry = [torch.zeros_like(held) for _ in range(units)]  # c^u, each quantizer's commit residual
+
+    def committed() -> list[torch.Tensor]:
+        """theta_t as the ranks hold it: the fp32 master, or with a compressed commit what the int8 updates built."""
+        return sim.unflatten(held) if cc else sim.snapshot_params()
+
+    def commit(grads_each: list[torch.Tensor] | None, exact: list[torch.Tensor], count: int, t: int,
+               lr_factor: float) -> None:
+        """Commit round: ``exact`` sums go in as they are (uncompressed: everything); with a compressed commit each
+        unit's flat ``grads_each[u]`` (a rank's, or a node's sum) is quantized with its residual carried, then the
+        ranks rebuild theta_{t+1} from what they held."""
+        nonlocal held
+        if not cc:
+            sim.step(exact, count, t, lr_factor)
+            return
+        assert grads_each is not None
+        per_unit = [x + c for x, c in zip(grads_each, carry, strict=True)]
+        quantized = [_chunkwise(x, num_ranks, block) for x in per_unit]
+        total = sum(quantized)
+        finite = bool(torch.isfinite(total).all())
+        for u in range(units):
+            carry[u] = per_unit[u] - quantized[u] if finite else torch.zeros_like(held)
+        sums = [a + b for a, b in zip(exact, sim.unflatten(total), strict=True)]
+        sim.step(sums, count, t, lr_factor)
+        master = _padded(torch.cat([m.detach().reshape(-1) for m in sim.master]), num_ranks)
+        held = held + _chunkwise(master - held, num_ranks, block)
+        if held_out is not None:
+            held_out.append(held.clone())
+
+    def zeros() -> list[torch.Tensor]:
+        return [torch.zeros_like(m) for m in sim.master]
+
+    def gradients(at: list[torch.Tensor], per_rank: list[int]) -> tuple[list[torch.Tensor] | None,
+                                                                       list[torch.Tensor], int]:
+        """A round's gradients: for a compressed commit per rank, or per node's exact sum (flat, padded), else
+        their sum."""
+        if cc:
+            each = [_padded(x, num_ranks) for x in sim.accumulate_each(at, per_rank)]
+            return [sum(each[u * ranks_per_node:(u + 1) * ranks_per_node]) for u in range(units)], zeros(), \
+                sum(per_rank)
+        sums, count = sim.accumulate(at, per_rank)
+        return None, sums, count
+
+    compute_at = committed()
     for t, rounds in enumerate(step_rounds):
         compressed = mode == "acco" and len(rounds) == 2 and estimate_compression == "int8" and \
             (compressed_steps is None or t in compressed_steps)
+        est_residual: list[torch.Tensor] | None = None  # per rank (or node) of a compressed estimate
         if compressed:
             per_rank = [_padded(x, num_ranks) for x in sim.accumulate_each(compute_at, rounds[0])]
             if ranks_per_node > 1:  # what is quantized is each node's exact sum
                 per_rank = [sum(per_rank[n:n + ranks_per_node]) for n in range(0, num_ranks, ranks_per_node)]
             quantized = [_chunkwise(x, num_ranks, block) for x in per_rank]
-            residual = sum(x - q for x, q in zip(per_rank, quantized, strict=True))
+            est_residual = [x - q for x, q in zip(per_rank, quantized, strict=True)]
             first_sums, first_count = sim.unflatten(sum(quantized)), sum(rounds[0])
-        else:
+            first_each = None
+        elif mode == "acco" and len(rounds) == 2:
             first_sums, first_count = sim.accumulate(compute_at, rounds[0])
+            first_each = None
+        else:  # the step's only round: the commit
+            first_each, first_sums, first_count = gradients(compute_at, rounds[0])
         if mode == "acco" and len(rounds) == 2:
             # Estimate round: theta~_{t+1} = Opt(theta_t, G~_t), then exact rollback.
-            # Meanwhile the compute side accumulates G_t at theta_t.
+            # Meanwhile the compute side accumulates G_t at theta_t (as the ranks hold it).
             theta_t = sim.snapshot_params()
+            theta_held = committed()
             theta_est = sim.tentative_step(first_sums, first_count, t, factor(first_count, k_est))
             if estimate_shift != (1.0, 0.0):
-                scale, carry = estimate_shift  # not k: that name is the micro-batches per round
-                theta_est = [x + scale * (e - x) + carry * (c - x)
+                scale, carry_k = estimate_shift  # not k: that name is the micro-batches per round
+                theta_est = [x + scale * (e - x) + carry_k * (c - x)
                              for e, x, c in zip(theta_est, theta_t, compute_at, strict=True)]
             if compressed:
                 flat_t = _padded(torch.cat([x.reshape(-1) for x in theta_t]), num_ranks)
+                flat_held = _padded(torch.cat([x.reshape(-1) for x in theta_held]), num_ranks)
                 update = _padded(torch.cat([x.reshape(-1) for x in theta_est]), num_ranks) - flat_t
-                theta_est = sim.unflatten(flat_t + _chunkwise(update, num_ranks, block))
+                theta_est = sim.unflatten(flat_held + _chunkwise(update, num_ranks, block))
+            each, sums, count = gradients(theta_held, rounds[1])
+            if est_residual is not None:
                 # The residuals join the commit: the commit sums exactly the gradients computed.
-                first_sums = [a + b for a, b in zip(first_sums, sim.unflatten(residual), strict=True)]
-            sums, count = sim.accumulate(theta_t, rounds[1])
+                if each is not None:  # each rank's (node's) residual joins its commit buffer, then is quantized
+                    each = [x + r for x, r in zip(each, est_residual, strict=True)]
+                else:
+                    first_sums = [a + b for a, b in zip(first_sums, sim.unflatten(sum(est_residual)), strict=True)]
             # Commit round: theta_{t+1} = Opt(theta_t, (G~_t + G_t) / (c~ + c)); meanwhile the
             # compute side accumulates G~_{t+1} at theta~_{t+1}.
             total = [a + b for a, b in zip(first_sums, sums, strict=True)]
-            sim.step(total, first_count + count, t, factor(first_count + count, ga))
+            commit(each, total, first_count + count, t, factor(first_count + count, ga))
             compute_at = theta_est
         elif mode == "dpu":
-            compute_at = sim.snapshot_params()  # theta_t, loaded at this boundary
-            sim.step(first_sums, first_count, t, factor(first_count, ga))  # theta_{t+1} = Opt(theta_t, G(theta_{t-1}))
+            compute_at = committed()  # theta_t, loaded at this boundary
+            commit(first_each, first_sums, first_count, t, factor(first_count, ga))  # Opt(theta_t, G(theta_{t-1}))
         else:
             # sync; or acco's commit of an estimate half alone (no estimate round), then restart.
-            sim.step(first_sums, first_count, t, factor(first_count, ga if t < sync_steps else k_est))
-            compute_at = sim.snapshot_params()
+            commit(first_each, first_sums, first_count, t, factor(first_count, ga if t < sync_steps else k_est))
+            compute_at = committed()
         if t in restart_after:
-            compute_at = sim.snapshot_params()
+            compute_at = committed()
     return sim.result()

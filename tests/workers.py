@@ -102,7 +102,7 @@ def train_worker(rank: int, world_size: int, cfg: dict[str, Any], steps: int, se
     ``backward(scale_wrt_gas=False)``, as the HF Trainer does), ``force_in_step`` ({step: j}: the caller ends
     committed step ``step`` (0-based) after its j-th micro-batch on this rank, with
     ``set_gradient_accumulation_boundary(True)`` before that backward, then gives the boundary back to DeepSpeed),
-    ``watch_compression`` (see ``_watch_compression``).
+    ``watch_compression`` (see ``_watch_compression``), ``watch_commit`` (``_watch_commit_compression``).
     """
     import deepspeed
 
@@ -130,6 +130,9 @@ def train_worker(rank: int, world_size: int, cfg: dict[str, Any], steps: int, se
     compression: dict[str, list[Any]] = {"commit_vs_exact": [], "update_error_over_bound": []}
     if opts.get("watch_compression"):
         _watch_compression(engine.optimizer, compression)
+    commit_watch: dict[str, list[Any]] = {"drift": [], "drift_over_bound": [], "residual_drops": []}
+    if opts.get("watch_commit"):
+        _watch_commit_compression(engine.optimizer, commit_watch)
     num_micro = opts.get("num_micro", steps * cfg["gradient_accumulation_steps"] * 6 + 8)
     data = make_batches(seed, world_size, num_micro)[rank]
     if opts.get("repeat"):  # a few micro-batches seen again and again: a loss that can fall
@@ -174,6 +177,7 @@ def train_worker(rank: int, world_size: int, cfg: dict[str, Any], steps: int, se
     out["lrs"] = lrs
     out["rollback_checks"] = rollback_checks
     out["compression"] = compression
+    out["commit_watch"] = commit_watch
     out["loss_scale"] = float(getattr(engine.optimizer, "loss_scale", 1.0))
     out["param_dtype"] = str(next(model.parameters()).dtype)
     sharded = getattr(engine.optimizer, "_round", None)
@@ -278,9 +282,11 @@ def _watch_compression(optimizer: Any, record: dict[str, list[Any]]) -> None:
     sharded._step_shard = watched_step
     gather_update = sharded._all_gather_quantized_update
 
-    def watched_gather(spec: Any, stepped: list[Any]) -> None:
+    def watched_gather(spec: Any, stepped: list[Any], old: list[Any]) -> None:
+        if spec.kind is not RoundKind.ESTIMATE:
+            return gather_update(spec, stepped, old)
         master, new = sharded.master_shards[0].detach().clone(), stepped[0].detach().clone()
-        gather_update(spec, stepped)
+        gather_update(spec, stepped, old)
         update = (new - master).view(-1)
         block = sharded.block
         bound = torch.stack([chunk.abs().max() / 254 for chunk in update.split(block)])
@@ -290,6 +296,40 @@ def _watch_compression(optimizer: Any, record: dict[str, list[Any]]) -> None:
         record["update_error_over_bound"].append(float((per_block / bound.clamp_min(1e-30)).max()))
 
     sharded._all_gather_quantized_update = watched_gather
+
+
+def _watch_commit_compression(optimizer: Any, record: dict[str, list[Any]]) -> None:
+    """Around a compressed commit's rounds, on this rank:
+
+    - ``drift``: per commit, max |theta_{t+1} - master_{t+1}| over this rank's partition of the weights the ranks
+      now hold (the int8 update rebuilt), and ``drift_over_bound``: the same per block over its quantization bound,
+      max |master_{t+1} - theta_t| / 254 (<= 1 within fp32 rounding: half a step of the update, nothing accumulates);
+    - ``residual_drops``: how many times the commit residual was dropped (a non-finite step).
+    """
+    from deepspeed_acco.pipeline import RoundKind, rank_partition
+
+    sharded = optimizer._round
+    gather_update = sharded._all_gather_quantized_update
+    drop = sharded.drop_commit_residual
+
+    def watched_gather(spec: Any, stepped: list[Any], old: list[Any]) -> None:
+        if spec.kind is not RoundKind.COMMIT:
+            return gather_update(spec, stepped, old)
+        master, held = stepped[0].detach().float().clone(), old[0].detach().float().clone()
+        gather_update(spec, stepped, old)
+        own = rank_partition(sharded.shadow_flats[0], sharded.rank, sharded.world_size).float()
+        error = (own - master).abs()
+        bound = torch.stack([chunk.abs().max() / 254 for chunk in (master - held).split(sharded.block)])
+        per_block = torch.stack([chunk.max() for chunk in error.split(sharded.block)])
+        record["drift"].append(float(error.max()))
+        record["drift_over_bound"].append(float((per_block / bound.clamp_min(1e-30)).max()))
+
+    def counted_drop() -> None:
+        record["residual_drops"].append(1)
+        drop()
+
+    sharded._all_gather_quantized_update = watched_gather
+    sharded.drop_commit_residual = counted_drop
 
 
 def run_jobs(rank: int, world_size: int, jobs: list[tuple[Any, ...]]) -> list[Any]:
