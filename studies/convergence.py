@@ -43,13 +43,16 @@ METHODS = {"zero1": ("zero1.json", {}), "acco": ("acco.json", {}), "dpu": ("dpu.
            "acco_sync10": ("acco.json", {"sync_steps": 10}),
            "acco_paper_sync10": ("acco.json", {"estimate": "paper", "estimate_fraction": 0.75, "sync_steps": 10}),
            "acco_auto": ("acco.json", {}),
-           "acco_int8_commit": ("acco.json", {"estimate_compression": "int8", "commit_compression": "int8"})}
+           "acco_int8_commit": ("acco.json", {"estimate_compression": "int8", "commit_compression": "int8"}),
+           "acco_int8_commit_sync10": ("acco.json", {"estimate_compression": "int8", "commit_compression": "int8",
+                                                     "sync_steps": 10})}
 """Method -> (ds_configs file, overrides of its "acco" block). ``acco_extrapolated`` and ``acco_paper`` split every
 step into equal halves (``estimate_fraction`` 0.5, as every run before 0.75 became the default); ``acco_split`` is
 the default written out; ``acco_sync10`` is the default with ``sync_steps`` 10 (the first 10 steps ZeRO-1's), and
 ``acco_paper_sync10`` the same with the paper's estimate (whose edge of stability is ZeRO-1's at this split);
 ``acco_auto`` the automatic schedule (the block with ``enabled`` only), ``acco_int8_commit`` both rounds int8
-(the compressed commit with error feedback, opt-in and lossy). Any method also runs as ``<method>_twin``
+(the compressed commit with error feedback, opt-in and lossy), ``acco_int8_commit_sync10`` the same with
+``sync_steps`` 10. Any method also runs as ``<method>_twin``
 (``zero1_twin``, ``acco_sync10_twin``): the same config from perturbed initial weights (``--perturb_init 1e-6``).
 
 The study keeps the conditions its records were measured under, whatever ``ds_configs`` say today: the LR held

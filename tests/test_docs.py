@@ -1,5 +1,6 @@
 """The documentation site stays in step with the code: the generated configuration reference is current,
 names every key of the ``acco`` block, and every page under ``docs/`` is reachable from ``mkdocs.yml``'s nav.
+The README stays a front page (line and word limits, the two commands first).
 
 In-process and fast (no engine, no process group). Run alone: ``python -m pytest -q tests/test_docs.py``.
 The strict site build itself (broken links and anchors) is ``mkdocs build --strict`` in ``.ci/run``.
@@ -67,3 +68,21 @@ def test_every_page_is_in_nav() -> None:
     on_disk = {page for page in on_disk if not excluded.match_file(page)}
     assert not on_disk - nav, f"pages not in mkdocs.yml's nav: {sorted(on_disk - nav)}"
     assert not nav - on_disk, f"nav entries with no page under docs/: {sorted(nav - on_disk)}"
+
+
+README_MAX_LINES, FIRST_PARAGRAPH_MAX_WORDS = 200, 90
+
+
+def test_readme_is_a_front_page() -> None:
+    """The README stays a page a newcomer reads in minutes: at most 200 lines, a first paragraph of at most 90
+    words, and its first code block is the two commands (the main job, then the tests)."""
+    text = (REPO / "README.md").read_text()
+    lines = text.splitlines()
+    assert len(lines) <= README_MAX_LINES, f"README.md has {len(lines)} lines (at most {README_MAX_LINES}); " \
+        "move details into docs/"
+    first = " ".join(text.split("\n\n")[1].split()) if lines[0].startswith("#") else ""
+    words = len(first.split())
+    assert 0 < words <= FIRST_PARAGRAPH_MAX_WORDS, \
+        f"README.md's first paragraph has {words} words (at most {FIRST_PARAGRAPH_MAX_WORDS}): {first[:200]}"
+    block = text.split("```bash\n", 1)[1].split("```", 1)[0].splitlines()
+    assert [line.split()[:2] for line in block] == [["bash", "scripts/run_main_job.sh"], ["bash", ".ci/run"]], block
