@@ -65,7 +65,7 @@ def profile_rank(rank: int, world: int, methods: list[str], steps: int, warmup: 
     init_rank(timeout_s=600)
     args = argparse.Namespace(preset="dense", seq_len=train_lm.PRESETS["dense"].seq_len, micro_batch=4, ga=4,
                               max_micro_factor=4, timeout_s=600.0, seed=1234,
-                              estimate_fraction=None)
+                              estimate_fraction=None, steps=warmup + steps)  # steps: the LR decay's horizon
     corpus = train_lm.build_corpus(_model_args(args))
     out: dict[str, Any] = {}
     order = [methods[(k + r) % len(methods)] for r in range(reps) for k in range(len(methods))]

@@ -155,6 +155,15 @@ def run_jobs_isolated(rank: int, world_size: int, fn: Callable[..., Any], jobs: 
     return out
 
 
+def spawn_jobs(world_size: int, jobs: dict[str, tuple[Any, ...]], timeout_s: float = 280.0,
+               env: dict[str, str] | None = None) -> dict[str, list[Any]]:
+    """Run the named jobs of ``tests.workers.run_jobs`` in one spawned world; each job's per-rank results by name."""
+    from tests.workers import run_jobs
+
+    results = run_distributed(run_jobs, world_size, list(jobs.values()), timeout_s=timeout_s, env=env)
+    return {name: [rank_results[j] for rank_results in results] for j, name in enumerate(jobs)}
+
+
 def job_result(runs: dict[str, list[Any]], name: str) -> list[Any]:
     """The per-rank results of job ``name``; fails the calling test (only it) if the job raised on any rank."""
     import pytest

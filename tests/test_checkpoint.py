@@ -192,6 +192,32 @@ def _spawn(jobs: dict[str, dict[str, Any]], timeout_s: float = 150, world: int =
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
+def mid_step_checkpoints(cfg: dict[str, Any], ckpt: str, extra_loads: dict[str, dict[str, Any]] | None = None,
+                         ) -> dict[str, list[Any]]:
+    """2 ranks: an uninterrupted run ("plain"), one that saves at micro-batch 14 (the estimate boundary) and 15
+    (inside the commit half with equal halves) ("saving"), then runs resumed from each ("at_estimate", "mid15") and
+    from ``extra_loads`` (name -> job keys). Used by the compressed rounds' tests, whose residuals are pending there."""
+    first = run_distributed(run_ckpt_jobs, 2, [
+        {"cfg": cfg, "steps": STEPS},
+        {"cfg": cfg, "steps": STEPS, "saves": {14: (ckpt, "at_estimate"), 15: (ckpt, "mid15")}}], timeout_s=200)
+    loads = {"at_estimate": {"load": (ckpt, "at_estimate")}, "mid15": {"load": (ckpt, "mid15")}, **(extra_loads or {})}
+    second = run_distributed(run_ckpt_jobs, 2, [{"cfg": cfg, "steps": STEPS, **job} for job in loads.values()],
+                             timeout_s=200)
+    runs = {"plain": [r[0] for r in first], "saving": [r[1] for r in first], "dir": [Path(ckpt)]}
+    return {**runs, **{name: [r[j] for r in second] for j, name in enumerate(loads)}}
+
+
+def assert_mid_step_resume(runs: dict[str, list[Any]], tag: str) -> dict[str, Any]:
+    """The run resumed from ``tag`` and the saving run end bitwise on the uninterrupted run's parameters, on both
+    ranks; returns rank 0's saved ACCO state."""
+    ref, saving, run = job_result(runs, "plain"), job_result(runs, "saving"), job_result(runs, tag)
+    for rank in range(2):
+        assert all(torch.equal(a, b) for a, b in zip(run[rank]["params"], ref[rank]["params"])), (tag, rank)
+        assert all(torch.equal(a, b) for a, b in zip(saving[rank]["params"], ref[rank]["params"])), ("saving", rank)
+    return torch.load(runs["dir"][0] / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                      weights_only=False)["optimizer_state_dict"]["acco"]
+
+
 @pytest.fixture(scope="module")
 def ckpt_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("acco_ckpt")

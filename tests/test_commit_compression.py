@@ -17,15 +17,14 @@ Run alone: ``python -m pytest -q tests/test_commit_compression.py``.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
 from tests.acco_reference import reference_train
-from tests.dist_utils import job_result, run_distributed
-from tests.test_checkpoint import GA, LR, SEED, STEPS, run_ckpt_jobs
+from tests.dist_utils import job_result, spawn_jobs
+from tests.test_checkpoint import GA, LR, SEED, assert_mid_step_resume, mid_step_checkpoints
 from tests.workers import (
     DEEPSPEED_DEFAULT_CLIP,
     DEFAULT_ESTIMATE_HALF,
@@ -34,7 +33,6 @@ from tests.workers import (
     loss_fn,
     make_batches,
     make_model,
-    run_jobs,
 )
 
 TOL = 1e-5
@@ -64,25 +62,20 @@ WORLD3 = {"both": (base_config(GA, LR, **_cc("int8")), 4, SEED, {"watch_commit":
 NODE_AWARE = {"both": (base_config(GA, LR, **_cc("int8")), 4, SEED, {"watch_commit": True})}
 
 
-def _spawn(world: int, jobs: dict[str, tuple[Any, ...]], env: dict[str, str] | None = None) -> dict[str, list[Any]]:
-    results = run_distributed(run_jobs, world, list(jobs.values()), timeout_s=300, env=env)
-    return {name: [r[j] for r in results] for j, name in enumerate(jobs)}
-
-
 @pytest.fixture(scope="module")
 def runs() -> dict[str, list[Any]]:
-    return _spawn(2, JOBS)
+    return spawn_jobs(2, JOBS, timeout_s=300)
 
 
 @pytest.fixture(scope="module")
 def world3() -> dict[str, list[Any]]:
-    return _spawn(3, WORLD3)
+    return spawn_jobs(3, WORLD3, timeout_s=300)
 
 
 @pytest.fixture(scope="module")
 def nodes() -> dict[str, list[Any]]:
     """World size 4 as 2 nodes x 2 ranks (``LOCAL_WORLD_SIZE=2``): both rounds node-aware."""
-    return _spawn(4, NODE_AWARE, env={"LOCAL_WORLD_SIZE": "2"})
+    return spawn_jobs(4, NODE_AWARE, timeout_s=300, env={"LOCAL_WORLD_SIZE": "2"})
 
 
 def _reference(world: int, steps: int, *, mode: str = "acco", lr: float = LR, **kw: Any) -> list[torch.Tensor]:
@@ -191,36 +184,20 @@ def test_fp16_overflow_skips_the_step_and_drops_the_residual(runs: dict[str, lis
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Any]]:
-    ckpt = str(tmp_path_factory.mktemp("commit_int8_ckpt"))
     # Equal halves (2 + 2): micro-batch 15 is inside a commit half, with the commit residual of step 3 pending.
-    cfg = base_config(GA, LR, **_cc("int8", estimate_fraction=0.5))
-    first = run_distributed(run_ckpt_jobs, 2, [
-        {"cfg": cfg, "steps": STEPS},
-        {"cfg": cfg, "steps": STEPS, "saves": {14: (ckpt, "at_estimate"), 15: (ckpt, "mid15")}}], timeout_s=200)
-    second = run_distributed(run_ckpt_jobs, 2, [
-        {"cfg": cfg, "steps": STEPS, "load": (ckpt, "at_estimate")},
-        {"cfg": cfg, "steps": STEPS, "load": (ckpt, "mid15")},
-        {"cfg": cfg, "steps": STEPS, "load": (ckpt, "mid15"),
-         "load_kwargs": {"load_optimizer_states": False}}], timeout_s=200)
-    return {"plain": [r[0] for r in first], "saving": [r[1] for r in first], "at_estimate": [r[0] for r in second],
-            "mid15": [r[1] for r in second], "no_state": [r[2] for r in second], "dir": [Path(ckpt)]}
+    ckpt = str(tmp_path_factory.mktemp("commit_int8_ckpt"))
+    return mid_step_checkpoints(base_config(GA, LR, **_cc("int8", estimate_fraction=0.5)), ckpt,
+                                {"no_state": {"load": (ckpt, "mid15"),
+                                              "load_kwargs": {"load_optimizer_states": False}}})
 
 
 @pytest.mark.parametrize("tag", ["at_estimate", "mid15"])
 def test_checkpoint_mid_step_resumes_exactly(checkpoints: dict[str, list[Any]], tag: str) -> None:
     """Saved at the estimate boundary and inside the commit half (the commit residual pending): bitwise resume."""
-    ref = job_result(checkpoints, "plain")
-    saving = job_result(checkpoints, "saving")
-    run = job_result(checkpoints, tag)
-    sd = torch.load(checkpoints["dir"][0] / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                    weights_only=False)["optimizer_state_dict"]["acco"]
-    print(f"COMMIT INT8 checkpoint {tag}: commit residual saved {sd['commit_residual'] is not None}, resumed final "
-          f"params max |diff| {_max_diff(run[0]['params'], ref[0]['params']):.3e}")
+    sd = assert_mid_step_resume(checkpoints, tag)
+    print(f"COMMIT INT8 checkpoint {tag}: commit residual saved {sd['commit_residual'] is not None}, resumed bitwise")
     assert sd["commit_residual"] is not None and sd["commit_compression"] == "int8"
     assert float(sd["commit_residual"][0].abs().max()) > 0
-    for rank in range(2):
-        assert all(torch.equal(a, b) for a, b in zip(run[rank]["params"], ref[rank]["params"]))
-        assert all(torch.equal(a, b) for a, b in zip(saving[rank]["params"], ref[rank]["params"]))
 
 
 def test_load_without_state_starts_the_residual_at_zero(checkpoints: dict[str, list[Any]]) -> None:

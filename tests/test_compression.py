@@ -17,15 +17,14 @@ Run alone: ``python -m pytest -q tests/test_compression.py``.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
 from tests.acco_reference import int8_roundtrip, reference_train
-from tests.dist_utils import job_result, run_distributed
-from tests.test_checkpoint import GA, LR, NUM_MICRO, SEED, STEPS, run_ckpt_jobs
+from tests.dist_utils import job_result, spawn_jobs
+from tests.test_checkpoint import GA, LR, NUM_MICRO, SEED, assert_mid_step_resume, mid_step_checkpoints
 from tests.workers import (
     DEEPSPEED_DEFAULT_CLIP,
     DEFAULT_ESTIMATE_HALF,
@@ -35,7 +34,6 @@ from tests.workers import (
     loss_fn,
     make_batches,
     make_model,
-    run_jobs,
 )
 
 TOL = 1e-5
@@ -67,30 +65,25 @@ NODE_AWARE = {"int8": (base_config(GA, LR, **_int8(16)), 4, SEED, {"watch_compre
 NODE_TOL = 1e-6
 
 
-def _spawn(world: int, jobs: dict[str, tuple[Any, ...]], env: dict[str, str] | None = None) -> dict[str, list[Any]]:
-    results = run_distributed(run_jobs, world, list(jobs.values()), timeout_s=280, env=env)
-    return {name: [r[j] for r in results] for j, name in enumerate(jobs)}
-
-
 @pytest.fixture(scope="module")
 def runs() -> dict[str, list[Any]]:
-    return _spawn(2, JOBS)
+    return spawn_jobs(2, JOBS)
 
 
 @pytest.fixture(scope="module")
 def low_precision() -> dict[str, list[Any]]:
-    return _spawn(2, LOW_PRECISION)
+    return spawn_jobs(2, LOW_PRECISION)
 
 
 @pytest.fixture(scope="module")
 def world3() -> dict[str, list[Any]]:
-    return _spawn(3, WORLD3)
+    return spawn_jobs(3, WORLD3)
 
 
 @pytest.fixture(scope="module")
 def nodes() -> dict[str, list[Any]]:
     """World size 4 as 2 nodes x 2 ranks (``LOCAL_WORLD_SIZE=2``, as torchrun sets it): the node-aware round."""
-    return _spawn(4, NODE_AWARE, env={"LOCAL_WORLD_SIZE": "2"})
+    return spawn_jobs(4, NODE_AWARE, env={"LOCAL_WORLD_SIZE": "2"})
 
 
 def _reference(world: int, steps: int, block: int, **kw: Any) -> list[torch.Tensor]:
@@ -201,33 +194,17 @@ def test_low_precision(low_precision: dict[str, list[Any]]) -> None:
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[Any]]:
-    ckpt = str(tmp_path_factory.mktemp("int8_ckpt"))
     # Equal halves (2 + 2), so that micro-batch 15 is inside a commit half (the default's commit half is 1).
-    cfg = base_config(GA, LR, **_int8(16, estimate_fraction=0.5))
-    first = run_distributed(run_ckpt_jobs, 2, [
-        {"cfg": cfg, "steps": STEPS},
-        {"cfg": cfg, "steps": STEPS, "saves": {14: (ckpt, "at_estimate"), 15: (ckpt, "mid15")}}], timeout_s=200)
-    second = run_distributed(run_ckpt_jobs, 2, [
-        {"cfg": cfg, "steps": STEPS, "load": (ckpt, "at_estimate")},
-        {"cfg": cfg, "steps": STEPS, "load": (ckpt, "mid15")}], timeout_s=200)
-    return {"plain": [r[0] for r in first], "saving": [r[1] for r in first],
-            "at_estimate": [r[0] for r in second], "mid15": [r[1] for r in second], "dir": [Path(ckpt)]}
+    return mid_step_checkpoints(base_config(GA, LR, **_int8(16, estimate_fraction=0.5)),
+                                str(tmp_path_factory.mktemp("int8_ckpt")))
 
 
 @pytest.mark.parametrize("tag", ["at_estimate", "mid15"])
 def test_checkpoint_mid_step_resumes_exactly(checkpoints: dict[str, list[Any]], tag: str) -> None:
     """Saved at the estimate boundary and inside the commit half (quantization residual pending): bitwise resume."""
-    ref = job_result(checkpoints, "plain")
-    saving = job_result(checkpoints, "saving")
-    run = job_result(checkpoints, tag)
-    sd = torch.load(checkpoints["dir"][0] / tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                    weights_only=False)["optimizer_state_dict"]["acco"]
-    print(f"INT8 checkpoint {tag}: residual saved {sd['residual'] is not None}, resumed final params max |diff| "
-          f"{_max_diff(run[0]['params'], ref[0]['params']):.3e}")
+    sd = assert_mid_step_resume(checkpoints, tag)
+    print(f"INT8 checkpoint {tag}: residual saved {sd['residual'] is not None}, resumed bitwise")
     assert sd["residual"] is not None and sd["compression"] == "int8"
-    for rank in range(2):
-        assert all(torch.equal(a, b) for a, b in zip(run[rank]["params"], ref[rank]["params"]))
-        assert all(torch.equal(a, b) for a, b in zip(saving[rank]["params"], ref[rank]["params"]))
     assert NUM_MICRO >= 15
 
 

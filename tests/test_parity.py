@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from tests.acco_reference import Simulator, reference_train
-from tests.dist_utils import JobFailure, job_result, run_distributed
+from tests.dist_utils import JobFailure, job_result, spawn_jobs
 from tests.workers import (
     DEEPSPEED_DEFAULT_CLIP,
     DEFAULT_ESTIMATE_HALF,
@@ -32,7 +32,6 @@ from tests.workers import (
     loss_fn,
     make_batches,
     make_model,
-    run_jobs,
 )
 
 WORLD, GA, STEPS, LR, SEED = 2, 4, 3, 1e-2, 0
@@ -96,11 +95,6 @@ WIDE_JOBS: dict[str, tuple[Any, ...]] = {
 }
 
 
-def _spawn(world: int, jobs: dict[str, tuple[Any, ...]], timeout_s: float = 280) -> dict[str, list[Any]]:
-    results = run_distributed(run_jobs, world, list(jobs.values()), timeout_s=timeout_s)
-    return {name: [rank_results[j] for rank_results in results] for j, name in enumerate(jobs)}
-
-
 @pytest.fixture(scope="module")
 def monitor_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("monitor")
@@ -113,17 +107,17 @@ def runs(monitor_dir: Path) -> dict[str, list[Any]]:
     jobs["refused"] = (base_config(1, LR, **_acco()), STEPS, SEED)
     jobs["monitor"] = (base_config(GA, LR, csv_monitor={"enabled": True, "output_path": str(monitor_dir),
                                                         "job_name": "acco"}, **_acco()), STEPS, SEED)
-    return _spawn(WORLD, jobs)
+    return spawn_jobs(WORLD, jobs)
 
 
 @pytest.fixture(scope="module")
 def low_precision_runs() -> dict[str, list[Any]]:
-    return _spawn(WORLD, LOW_PRECISION_JOBS, timeout_s=200)
+    return spawn_jobs(WORLD, LOW_PRECISION_JOBS, timeout_s=200)
 
 
 @pytest.fixture(scope="module", params=WIDE_WORLDS, ids=lambda w: f"world{w}")
 def wide_runs(request: pytest.FixtureRequest) -> tuple[int, dict[str, list[Any]]]:
-    return request.param, _spawn(request.param, WIDE_JOBS, timeout_s=280)
+    return request.param, spawn_jobs(request.param, WIDE_JOBS, timeout_s=280)
 
 
 def _reference(mode: str, steps: int = STEPS, world: int = WORLD, ga: int = GA, **kw: Any) -> list[torch.Tensor]:
