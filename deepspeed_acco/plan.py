@@ -222,8 +222,9 @@ def memory_per_rank(method: str, params: float, world_size: int, param_bytes: in
     (activations and the framework's own buffers left out). P parameters, N ranks, b bytes per parameter value,
     a per accumulated gradient value (``acco.grad_accum_dtype``):
 
-    - ZeRO-1: parameters P b, gradients P b, the fp32 gradient partition 4 P / N, the optimizer shard (fp32
-      master weights and both Adam moments) 12 P / N;
+    - ZeRO-1: parameters P b, gradients P b, the fp32 gradient partition 4 P / N (only with 16-bit parameters:
+      with fp32 ones DeepSpeed's partition is a view of the gradients), the optimizer shard (fp32 master weights
+      and both Adam moments) 12 P / N;
     - ACCO: parameters P b, two accumulation buffers 2 P a, the shadow parameters the rounds all-gather into P b,
       the optimizer shard 12 P / N, the rounds' reduced gradient shards 2 x 4 P / N (the estimate's is carried
       into the commit) and the fused estimate's scratch copies of the shard, its gradient and both moments
@@ -234,7 +235,9 @@ def memory_per_rank(method: str, params: float, world_size: int, param_bytes: in
     p, n, b, a = float(params), float(world_size), float(param_bytes), float(accum_bytes)
     parts = {"parameters": p * b, "optimizer shard": 12 * p / n}
     if method == "zero1":
-        parts.update({"gradients": p * b, "fp32 gradient partition": 4 * p / n})
+        parts["gradients"] = p * b
+        if param_bytes < 4:
+            parts["fp32 gradient partition"] = 4 * p / n
         return parts
     parts.update({"accumulation buffers": 2 * p * a, "shadow parameters": p * b,
                   "reduced shards": (4 if method == "dpu" else 8) * p / n})

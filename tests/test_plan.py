@@ -156,12 +156,15 @@ def test_docs_table_is_current() -> None:
 
 
 def test_memory_per_rank() -> None:
-    """The formula of ``memory_per_rank``: ZeRO-1 P b + P b + 16 P / N; ACCO P b + 2 P a + P b + 36 P / N; the int8
-    estimate adds P (1 + 4 / block); and the plan prints it and says what does not fit."""
+    """The formula of ``memory_per_rank``: ZeRO-1 P b + P b + 16 P / N (12 P / N with fp32 parameters); ACCO
+    P b + 2 P a + P b + 36 P / N; the int8 estimate adds P (1 + 4 / block); and the plan prints it and says what
+    does not fit."""
     from deepspeed_acco.plan import memory_per_rank
 
     p, n = 1e9, 8
     assert sum(memory_per_rank("zero1", p, n, 2, 4).values()) == pytest.approx(2 * p * 2 + 16 * p / n)
+    # fp32 parameters (the CPU bed): DeepSpeed's fp32 gradient partition is a view; 90.6 MB measured, dense preset
+    assert sum(memory_per_rank("zero1", 6470144, 2, 4, 4).values()) == pytest.approx(90_582_016)
     assert sum(memory_per_rank("acco", p, n, 2, 4).values()) == pytest.approx(2 * p * 2 + 2 * p * 4 + 36 * p / n)
     assert sum(memory_per_rank("acco", p, n, 2, 2).values()) == pytest.approx(2 * p * 2 + 2 * p * 2 + 36 * p / n)
     int8 = memory_per_rank("acco_int8", p, n, 2, 4, block=256)
