@@ -397,7 +397,8 @@ AUTO_STEPS, SHAPE_AT, SLOW_MBIT, BUSY_S = 32, 16, 0.5, 0.005
 def test_automatic_schedule_follows_a_slower_link(hosts: FakeHosts, tmp_path: Path) -> None:
     """``{"enabled": true}`` alone on 2 fake hosts: the trials (sync, then 0.75 and 0.75+int8 where they can win)
     and a decision after them on the unshaped link; after step 16 each host shapes its link to 0.5 Mbit/s, and a
-    new decision (M/C moved) switches the schedule within ``SWITCH_WITHIN`` steps. Every rank ran the same
+    new decision (M/C moved) comes within ``SWITCH_WITHIN`` steps, and the schedule changes within twice that (a
+    decision from a window that still holds unshaped steps may keep it). Every rank ran the same
     schedules, and the parameters equal the reference's for the schedule sequence the run recorded (its switches
     restart the pipeline)."""
     hostfile = hosts.hostfile(tmp_path / "hostfile")
@@ -421,9 +422,10 @@ def test_automatic_schedule_follows_a_slower_link(hosts: FakeHosts, tmp_path: Pa
     assert decisions[0]["step"] == TRIAL_STEPS * len(tried) and decisions == saved[1]["decisions"]
     after = [d for d in decisions if d["step"] > SHAPE_AT]
     assert after, "no decision after the link slowed"
-    switch = after[0]
-    assert "M/C moved" in switch["why"] and switch["step"] <= SHAPE_AT + SWITCH_WITHIN, switch
-    assert schedules[switch["step"]] != schedules[SHAPE_AT - 1], "the schedule did not change"
+    assert "M/C moved" in after[0]["why"] and after[0]["step"] <= SHAPE_AT + SWITCH_WITHIN, after[0]
+    # A re-decision from a window that still holds unshaped steps may keep the schedule; the next one switches.
+    changed = [d for d in after if schedules[d["step"]] != schedules[SHAPE_AT - 1]]
+    assert changed and changed[0]["step"] <= SHAPE_AT + 2 * SWITCH_WITHIN, ("the schedule did not change", after)
     assert all(torch.equal(a, b) for a, b in zip(saved[0]["params"], saved[1]["params"]))
     expected = reference_train(make_model(SEED), make_batches(SEED, WORLD, AUTO_STEPS * GA * 6 + 8), loss_fn,
                                mode="acco", num_steps=AUTO_STEPS, gradient_accumulation_steps=GA, lr=LR,
