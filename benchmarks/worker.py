@@ -93,15 +93,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+BENCH_LR = 1e-3
+
+
 def build_config(method: str, args: argparse.Namespace) -> dict[str, Any]:
     """The DeepSpeed config of a case: the repository's ds_configs file with this run's batch shape."""
     name = {"zero1": "zero1", "dpu": "dpu"}.get(method, "acco")
     config: dict[str, Any] = json.loads((ROOT / "ds_configs" / f"{name}.json").read_text())
     config["train_micro_batch_size_per_gpu"] = args.micro_batch
     config["gradient_accumulation_steps"] = args.ga
-    sched = config.get("scheduler", {})
-    if "total_num_steps" in sched.get("params", {}):  # a decaying LR: over the most steps a case may train
-        sched["params"]["total_num_steps"] = 4 * args.steps + AUTO_EXTRA_STEPS
+    # The benchmark's own LR (its recorded results used it; the main job's configs may move): a 10-step warm-up to
+    # 1e-3, then a linear decay over the most steps a case may train.
+    config["optimizer"]["params"]["lr"] = BENCH_LR
+    config["scheduler"] = {"type": "WarmupDecayLR", "params": {
+        "warmup_min_lr": 0.0, "warmup_max_lr": BENCH_LR, "warmup_num_steps": 10,
+        "total_num_steps": 4 * args.steps + AUTO_EXTRA_STEPS, "warmup_type": "linear"}}
     config.pop("train_batch_size", None)
     if "acco" in config and method != "acco_auto":  # every other case pins its schedule
         config["acco"]["estimate_compression"] = "int8" if method in ("acco_int8", "acco_half_int8",

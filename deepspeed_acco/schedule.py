@@ -72,9 +72,10 @@ MIN_GAIN = 0.02
 """An ACCO schedule is chosen only when predicted faster than ZeRO-1's step by more than this."""
 DRIFT = 0.3
 """Decide again when M / C has moved by more than this factor (either way) since the last decision..."""
-DRIFT_ABS = 0.05
-"""... and by more than this much: below M / C 0.1 every schedule is within noise of the others, and a factor of
-1.3 of a small M / C is noise (measured on the tiny model's unshaped link, M / C 0.08)."""
+DRIFT_ABS = 0.1
+"""... and by more than this much: a small M / C wobbles by a factor of two and more (the main job's loopback link:
+0.06 to 0.18 within one run, each a re-decision that kept 0.75 while this was 0.05), and below M / C 0.25 the 0.75
+split hides both rounds anyway."""
 WINDOW = 4
 """Steps whose medians measure the schedule that runs (the first step after a switch is left out)."""
 
@@ -193,8 +194,9 @@ class AutoSchedule:
         At the end of the trials (``fresh`` None): measured where it was tried. An untried split is predicted by
         the model from the tried schedule of the same round (plain or int8): its C, M and M8 (on a shared core C
         depends on the round's own CPU), scaled by that schedule's measured step over its modelled one (the
-        overheads the model leaves out). Later (``fresh``: the schedule that runs now, at today's M / C): the model
-        from today's C and M, the int8 round scaled with M since it was measured (the link moved, the bytes did
+        overheads the model leaves out); an untried round (int8 below ``INT8_POINTLESS``) likewise from 0.75's
+        figures (or ZeRO-1's), with M8 = M. Later (``fresh``: the schedule that runs now, at today's M / C): the
+        model from today's C and M, the int8 round scaled with M since it was measured (the link moved, the bytes did
         not), every prediction scaled by the running schedule's measured step over its modelled one.
         """
         def figures(m: dict[str, Any] | Measured | None) -> tuple[float, float, float] | None:
@@ -210,10 +212,14 @@ class AutoSchedule:
                 if untried not in out and known is not None:
                     scale = out[tried] / max(predict_step_s(tried, *known), 1e-9)
                     out[untried] = predict_step_s(untried, *known) * scale
-            base = figures(self.measured.get("0.75") or self.measured.get("sync"))
-            for schedule in (SYNC, *PREFERENCE):
-                if schedule not in out and base is not None:
-                    out[schedule] = predict_step_s(schedule, *base)
+            base_name = "0.75" if "0.75" in self.measured else "sync"
+            base = figures(self.measured.get(base_name))
+            if base is not None:  # scaled as above: an untried schedule does not win by the overheads it left out
+                scale = out[Schedule.from_name(base_name)] / max(predict_step_s(Schedule.from_name(base_name),
+                                                                                 *base), 1e-9)
+                for schedule in (SYNC, *PREFERENCE):
+                    if schedule not in out:
+                        out[schedule] = predict_step_s(schedule, *base) * scale
             return out
         c, m = fresh.compute_s, fresh.commit_round_s
         int8 = self.measured.get("0.75+int8") or self.measured.get("0.5+int8")

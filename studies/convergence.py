@@ -92,6 +92,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+STUDY_LR = 1e-3
+
+
+def with_study_lr(config: dict[str, Any]) -> dict[str, Any]:
+    """``config`` with the LR the study's records were measured under (the main job's configs may move): AdamW at
+    ``STUDY_LR`` after a 10-step linear warm-up from 0 (``WarmupLR``), held."""
+    config["optimizer"]["params"]["lr"] = STUDY_LR
+    config["scheduler"] = {"type": "WarmupLR", "params": {"warmup_min_lr": 0.0, "warmup_max_lr": STUDY_LR,
+                                                          "warmup_num_steps": 10, "warmup_type": "linear"}}
+    return config
+
+
 def _config(method: str, args: argparse.Namespace, directory: Path) -> Path:
     base = method.removesuffix("_twin")
     name, acco_extra = METHODS[base]
@@ -102,8 +114,7 @@ def _config(method: str, args: argparse.Namespace, directory: Path) -> Path:
         pinned = not set(SCHEDULE_KEYS) & config["acco"].keys() and config["acco"].get("mode", "acco") == "acco"
         if base != "acco_auto" and pinned:
             config["acco"].update(PINNED)
-    params = {k: v for k, v in config["scheduler"]["params"].items() if k != "total_num_steps"}
-    config["scheduler"] = {"type": "WarmupLR", "params": params}
+    with_study_lr(config)
     if args.warmup is not None:
         config["scheduler"]["params"]["warmup_num_steps"] = args.warmup
     if args.ga is not None:

@@ -34,6 +34,7 @@ from tests.workers import (
     loss_fn,
     make_batches,
     make_model,
+    replay_schedules,
 )
 
 TOL = 1e-5
@@ -59,6 +60,11 @@ LOW_PRECISION = {
     "int8_fp16_inf": (base_config(GA, LR, fp16={"enabled": True, "initial_scale_power": 8, "hysteresis": 1},
                                   **_int8(16)), 4, SEED, {"dtype": "fp16", "inf_at": 5}),
 }
+# The automatic schedule with its switches scripted ({step: schedule}): every kind of switch, int8 to plain included.
+SCRIPT = {2: "0.75+int8", 5: "0.75", 8: "0.5+int8", 10: "sync", 12: "0.75+int8", 14: "0.5", 16: "0.75+int8"}
+SCRIPTED_STEPS = 18
+JOBS["auto_scripted"] = (base_config(GA, LR, auto_schedule=True, acco={"enabled": True, "compression_block_size": 16}),
+                         SCRIPTED_STEPS, SEED, {"script_schedule": SCRIPT})
 WORLD3 = {"int8": (base_config(GA, LR, **_int8(16)), 4, SEED, {"watch_compression": True})}
 NODE_AWARE = {"int8": (base_config(GA, LR, **_int8(16)), 4, SEED, {"watch_compression": True}),
               "int8_clip": (base_config(GA, LR, gradient_clipping=0.05, **_int8(16)), 3, SEED)}
@@ -176,6 +182,21 @@ def test_clipping_adaptive_and_forced_boundaries(runs: dict[str, list[Any]]) -> 
         print(f"PARITY {job} (rounds {rounds}) vs reference: max |diff| = {diff:.3e}")
         assert diff < TOL and _identical(result)
     assert any(len(r) == 1 for r in (m["round_counts"] for m in job_result(runs, "int8_forced")[0]["metrics"]))
+
+
+def test_schedule_switches_match_reference(runs: dict[str, list[Any]]) -> None:
+    """The automatic schedule's switches (restart from the waited commit; int8 to plain, plain to int8, to and from
+    ZeRO-1's step) equal the reference replaying the schedule sequence the run recorded."""
+    result = job_result(runs, "auto_scripted")
+    schedules = [m["schedule"] for m in result[0]["metrics"]]
+    expected = ["sync"] * 2
+    for (at, name), end in zip(SCRIPT.items(), [*list(SCRIPT)[1:], SCRIPTED_STEPS], strict=True):
+        expected += [name] * (end - at)
+    assert schedules == expected, schedules
+    reference = _reference(2, SCRIPTED_STEPS, 16, **replay_schedules(schedules, 2, GA))
+    diff = _max_diff(result[0]["params"], reference)
+    print(f"PARITY scripted schedule switches {schedules} vs reference: max |diff| = {diff:.3e}")
+    assert diff < TOL and _identical(result)
 
 
 def test_low_precision(low_precision: dict[str, list[Any]]) -> None:

@@ -26,6 +26,7 @@ import pytest
 import torch
 
 from examples.train_lm import heldout_batches
+from studies.convergence import with_study_lr
 from tests.dist_utils import job_result, run_distributed, run_jobs_isolated
 from tests.workers import ds_config, train_tiny_lm
 
@@ -46,10 +47,10 @@ def convergence_worker(rank: int, world: int, config: dict[str, Any]) -> dict[st
 
 
 def _as_recorded(config: dict[str, Any]) -> dict[str, Any]:
-    """The config under the conditions the figures above were measured in: the LR held after the same warm-up
-    (WarmupLR; the shipped configs decay it over a run's steps) and ACCO from the first step (no sync_steps)."""
-    params = {k: v for k, v in config["scheduler"]["params"].items() if k != "total_num_steps"}
-    config["scheduler"] = {"type": "WarmupLR", "params": params}
+    """The config under the conditions the figures above were measured in: LR 1e-3 held after a 10-step warm-up
+    (the study's, ``with_study_lr``; the shipped configs decay it over a run's steps) and ACCO from the first step
+    (no sync_steps)."""
+    with_study_lr(config)
     config.get("acco", {}).pop("sync_steps", None)
     return config
 

@@ -60,8 +60,8 @@ def test_gpt2_matches_reference(runs: dict[str, list[Any]], method: str, mode: s
     batches = [[(shard[i], shard[i]) for i in range(result[0]["micro_batches"])] for shard in shards]
     opt, sched = config["optimizer"]["params"], config["scheduler"]["params"]
 
-    def lr(t: int) -> float:  # the warm-up (linear from 0), stepped once per committed step; 6 steps < warm-up
-        return sched["warmup_max_lr"] * min(1.0, max(0, t - 1) / sched["warmup_num_steps"])
+    def lr(t: int) -> float:  # WarmupCosineLR's linear warm-up from 0 to the optimizer's lr; 6 steps < warm-up
+        return opt["lr"] * min(1.0, max(0, t - 1) / sched["warmup_num_steps"])
 
     model = LogitsOf(train_lm.build_model(args, corpus.vocab_size, corpus.eot_id))
     expected = reference_train(model, batches, lm_loss, mode=mode, num_steps=STEPS, gradient_accumulation_steps=ga,

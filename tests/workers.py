@@ -102,7 +102,8 @@ def train_worker(rank: int, world_size: int, cfg: dict[str, Any], steps: int, se
     ``backward(scale_wrt_gas=False)``, as the HF Trainer does), ``force_in_step`` ({step: j}: the caller ends
     committed step ``step`` (0-based) after its j-th micro-batch on this rank, with
     ``set_gradient_accumulation_boundary(True)`` before that backward, then gives the boundary back to DeepSpeed),
-    ``watch_compression`` (see ``_watch_compression``), ``watch_commit`` (``_watch_commit_compression``).
+    ``watch_compression`` (see ``_watch_compression``), ``watch_commit`` (``_watch_commit_compression``),
+    ``script_schedule`` (``_script_schedule``).
     """
     import deepspeed
 
@@ -133,6 +134,8 @@ def train_worker(rank: int, world_size: int, cfg: dict[str, Any], steps: int, se
     commit_watch: dict[str, list[Any]] = {"drift": [], "drift_over_bound": [], "residual_drops": []}
     if opts.get("watch_commit"):
         _watch_commit_compression(engine.optimizer, commit_watch)
+    if opts.get("script_schedule"):
+        _script_schedule(engine.optimizer, opts["script_schedule"])
     num_micro = opts.get("num_micro", steps * cfg["gradient_accumulation_steps"] * 6 + 8)
     data = make_batches(seed, world_size, num_micro)[rank]
     if opts.get("repeat"):  # a few micro-batches seen again and again: a loss that can fall
@@ -192,6 +195,17 @@ def train_worker(rank: int, world_size: int, cfg: dict[str, Any], steps: int, se
     engine.destroy()
     out["worker_alive_after_destroy"] = worker.alive if worker is not None else None
     return out
+
+
+def _script_schedule(optimizer: Any, script: dict[int, str]) -> None:
+    """The automatic schedule switches at the boundaries ``script`` names ({step: schedule name}) instead of where
+    its measurements say: the switch path (wait for the commit, restart from it) runs whatever the timings."""
+    from deepspeed_acco.schedule import Schedule
+
+    auto = optimizer._auto
+    auto.trial_over = lambda: False
+    auto.check_due = lambda step: step in script
+    auto.check = lambda step, summary: auto._switch(Schedule.from_name(script[step]), step)
 
 
 def _busy(seconds: float) -> None:
