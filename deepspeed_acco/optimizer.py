@@ -100,9 +100,9 @@ class AccoZeroOptimizer(CommittedWeights, ScheduleSwitching, CheckpointedPipelin
             block=acco_config.compression_block_size, stream=self._stream, layout=layout,
             commit_compression=commit_compression,
             estimate_shift=ESTIMATE_SHIFTS[acco_config.estimate if acco else "paper"])
-        self._kernels_ready = False
-        if self._auto is None or commit_compression != "none":  # else compiled when auto first tries int8
-            self._prepare_kernels()
+        # The int8 kernels compile here, also where only the automatic schedule may try them: compiled at its first
+        # int8 trial, the pause (2-3 s) made that trial measure 15-25 % slow on a shaped link (docs/how-it-works.md).
+        self._prepare_kernels()
         self._shift_estimate = self._round.estimate_shift != ESTIMATE_SHIFTS["paper"]
         self._compress = compression != "none"
         self._schedule = Schedule(acco_config.estimate_fraction, compression) if acco else None
@@ -138,9 +138,6 @@ class AccoZeroOptimizer(CommittedWeights, ScheduleSwitching, CheckpointedPipelin
 
     def _prepare_kernels(self) -> None:
         """Compile the int8 kernels for the rounds' shapes (``quantize.Quantizer``), outside any round; log the path."""
-        if self._kernels_ready:
-            return
-        self._kernels_ready = True
         line = self._round.prepare_kernels(self.bit16_groups_flat, self._buffers[0][0].dtype)
         if line and self._round.quantizer.path != "compiled":
             logger.warning(line)

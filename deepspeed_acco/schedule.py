@@ -330,8 +330,6 @@ class ScheduleSwitching:
 
             estimate_half, commit_half = split_micro_batches(self._ga, schedule.estimate_fraction)
             self._half_micro = {RoundKind.ESTIMATE: estimate_half, RoundKind.COMMIT: commit_half}
-        if schedule.compression != "none":
-            self._prepare_kernels()  # compiled at this step boundary the first time, not in a round
         self._round.compression = schedule.compression
         self._compress = schedule.compression != "none"
 
