@@ -207,19 +207,20 @@ class AutoSchedule:
 
         if fresh is None:
             out = {Schedule.from_name(name): f["step_s"] for name, f in self.measured.items()}
-            for tried, untried in ((Schedule(0.75), Schedule(0.5)), (Schedule(0.75, "int8"), Schedule(0.5, "int8"))):
+
+            def calibrated(tried: Schedule, untried: tuple[Schedule, ...]) -> None:
+                """The model from ``tried``'s figures, scaled by its measured step over its modelled one (an
+                untried schedule does not win by the overheads the model leaves out)."""
                 known = figures(self.measured.get(tried.name))
-                if untried not in out and known is not None:
-                    scale = out[tried] / max(predict_step_s(tried, *known), 1e-9)
-                    out[untried] = predict_step_s(untried, *known) * scale
-            base_name = "0.75" if "0.75" in self.measured else "sync"
-            base = figures(self.measured.get(base_name))
-            if base is not None:  # scaled as above: an untried schedule does not win by the overheads it left out
-                scale = out[Schedule.from_name(base_name)] / max(predict_step_s(Schedule.from_name(base_name),
-                                                                                 *base), 1e-9)
-                for schedule in (SYNC, *PREFERENCE):
-                    if schedule not in out:
-                        out[schedule] = predict_step_s(schedule, *base) * scale
+                if known is None:
+                    return
+                scale = out[tried] / max(predict_step_s(tried, *known), 1e-9)
+                for schedule in untried:
+                    out.setdefault(schedule, predict_step_s(schedule, *known) * scale)
+
+            calibrated(Schedule(0.75), (Schedule(0.5),))
+            calibrated(Schedule(0.75, "int8"), (Schedule(0.5, "int8"),))
+            calibrated(Schedule(0.75) if "0.75" in self.measured else SYNC, (SYNC, *PREFERENCE))
             return out
         c, m = fresh.compute_s, fresh.commit_round_s
         int8 = self.measured.get("0.75+int8") or self.measured.get("0.5+int8")

@@ -403,10 +403,12 @@ def train_tiny_lm(rank: int, world_size: int, config: dict[str, Any], steps: int
     return engine, model, corpus, args, i
 
 
-def replay_schedules(schedules: list[str], world: int, ga: int) -> dict[str, Any]:
+def replay_schedules(schedules: list[str], world: int, ga: int, trials_end: int | None = None) -> dict[str, Any]:
     """The reference's arguments (``step_rounds``, ``compressed_steps``, ``restart_after``) for the schedule each
     committed step ran (``StepMetrics.schedule``: ``sync``, ``0.75``, ``0.5+int8``...): a switch restarts the
-    pipeline after the step before it, a sync step is one round of ``ga`` micro-batches."""
+    pipeline after the step before it, a sync step is one round of ``ga`` micro-batches. ``trials_end``: the step
+    (1-based) of the automatic schedule's first decision, after which the pipeline restarted even where the decision
+    kept the last trial's schedule (its commit is waited for, to measure that step)."""
     from deepspeed_acco.split import split_micro_batches
 
     rounds: list[list[list[int]]] = []
@@ -418,4 +420,5 @@ def replay_schedules(schedules: list[str], world: int, ga: int) -> dict[str, Any
             rounds.append([[estimate] * world, [commit] * world])
     return {"step_rounds": rounds,
             "compressed_steps": [t for t, name in enumerate(schedules) if name.endswith("+int8")],
-            "restart_after": [t for t in range(len(schedules) - 1) if schedules[t] != schedules[t + 1]]}
+            "restart_after": [t for t in range(len(schedules) - 1)
+                              if schedules[t] != schedules[t + 1] or t + 1 == trials_end]}
