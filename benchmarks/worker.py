@@ -50,9 +50,9 @@ halves (``estimate_fraction`` 0.5) plain and with the int8 estimate (with ``acco
 schedules the automatic one chooses among), and ``acco_int8`` with the compressed commit
 (``acco.commit_compression = "int8"``, opt-in and lossy)."""
 
-AUTO_EXTRA_STEPS = 10
-"""``acco_auto`` trains this many steps more than the others: its trials (3 schedules x 3 steps) and the first
-step of its choice, which the summaries leave out (``benchmarks/run.py``)."""
+AUTO_EXTRA_STEPS = 11
+"""``acco_auto`` trains this many steps more than the others: its trials (at most 3 schedules x 3 steps, the last a
+step more) and the first step of its choice, which the summaries leave out (``benchmarks/run.py``)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -10,13 +10,14 @@ nor ``estimate_compression`` set) runs ``AutoSchedule``: it chooses among the sc
 - ``0.75+int8`` / ``0.5+int8``: the same with the int8 estimate round ``M8``, ``max(f C, M) + max((1 - f) C, M8)``;
 
 never a lossy commit. It tries ``sync``, ``0.75`` and ``0.75+int8`` for ``TRIAL_STEPS`` steps each (a measurement
-beats a model on a noisy link; after ZeRO-1's step has measured M / C, plain ACCO is skipped where it cannot win and
-the int8 estimate where it is not needed), decides at the end of the trials (by step 9), then keeps measuring and
-decides again when M / C moves by more than ``DRIFT``. It prefers, in ``PREFERENCE`` order, the first schedule
-within ``MARGIN`` of the fastest (0.75 converges best, docs/convergence.md), and only an ACCO schedule that is
-faster than ZeRO-1's step by ``MIN_GAIN``; otherwise ZeRO-1's step. The optimizer switches at a step boundary by
-waiting for the commit round and restarting the pipeline from the committed weights, so the commit stays exact;
-a run's trajectory therefore depends on measured timings (as with ``cudnn.benchmark``), while a pinned schedule
+beats a model on a noisy link; after ZeRO-1's step has measured M / C, plain ACCO is skipped where its estimate
+round would be exposed and the int8 estimate where it is not needed); the last trial runs one step more and the
+decision comes from what it has measured by then (by step 10), without waiting for the commit in flight. It then
+keeps measuring and decides again when M / C moves by more than ``DRIFT``. It prefers, in ``PREFERENCE`` order, the
+first schedule within ``MARGIN`` of the fastest (0.75 converges best, docs/convergence.md), and only an ACCO schedule
+that is faster than ZeRO-1's step by ``MIN_GAIN``; otherwise ZeRO-1's step. The optimizer switches at a step
+boundary by waiting for the commit round and restarting the pipeline from the committed weights, so the commit stays
+exact; a run's trajectory therefore depends on measured timings (as with ``cudnn.benchmark``), while a pinned schedule
 reproduces bit for bit. Figures: docs/performance.md.
 """
 
@@ -28,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Schedule", "SYNC", "PREFERENCE", "TRIALS", "TRIAL_STEPS", "PLAIN_HOPELESS", "INT8_POINTLESS", "MARGIN",
+__all__ = ["Schedule", "SYNC", "PREFERENCE", "TRIALS", "TRIAL_STEPS", "PLAIN_EXPOSED", "INT8_POINTLESS", "MARGIN",
            "MIN_GAIN", "DRIFT", "DRIFT_ABS", "WINDOW", "CHECK_EVERY", "SWITCH_WITHIN", "SUMMARY", "Measured",
            "predict_step_s", "choose", "AutoSchedule", "ScheduleSwitching"]
 
@@ -60,10 +61,13 @@ SYNC = Schedule(None)
 PREFERENCE = (Schedule(0.75), Schedule(0.75, "int8"), Schedule(0.5), Schedule(0.5, "int8"))
 """ACCO's candidates, preferred first: the 3 + 1 split converges closest to ZeRO-1; plain before int8."""
 TRIALS = (SYNC, Schedule(0.75), Schedule(0.75, "int8"))
-"""Tried in this order at the start, ``TRIAL_STEPS`` steps each."""
+"""Tried in this order at the start, ``TRIAL_STEPS`` steps each (the last one a step more)."""
 TRIAL_STEPS = 3
-PLAIN_HOPELESS = 1.0
-"""After ZeRO-1's trial: above this M / C plain ACCO is not tried (two full rounds, at least 2 M against C + M)."""
+PLAIN_EXPOSED = 0.3
+"""After ZeRO-1's trial: above this M / C plain ACCO is not tried. The 0.75 split exposes its full estimate round
+past M / C 0.25 (more than ``MARGIN`` behind the int8 estimate here), and both plain splits are then predicted from
+the int8 trial's C and M, which hold for a full round too: the trial of plain 0.75 cost 3 slow steps and a waited
+commit in every run on a slow link (docs/performance.md, "Time to target")."""
 INT8_POINTLESS = 0.2
 """... and below this M / C the int8 estimate is not tried (0.75 hides both full rounds below M / C 0.25)."""
 MARGIN = 0.05
@@ -166,9 +170,17 @@ class AutoSchedule:
         if step > self.first_step:
             self.steps = (self.steps + [_Step(step, step_s, compute_s, commit_round_s, estimate_round_s)])[-WINDOW:]
 
+    @property
+    def final_trial(self) -> bool:
+        """``current`` is the last trial: the decision follows it."""
+        return self.chosen is None and self.current != SYNC and self.current == self.trials[-1]
+
     def trial_over(self) -> bool:
-        """At this boundary a trial ends (the caller waits for the commit in flight, then ``end_trial``)."""
-        return self.chosen is None and self.since_switch >= self.trial_steps
+        """At this boundary a trial ends. Before another trial the caller waits for the commit in flight (the next
+        trial restarts the pipeline anyway), so that the trial's last step is measured too; the last trial runs one
+        step more instead and decides from the steps observed by then, so that a decision which keeps its schedule
+        waits for nothing."""
+        return self.chosen is None and self.since_switch >= self.trial_steps + self.final_trial
 
     def check_due(self, step: int) -> bool:
         """At this boundary M / C is compared with the decision's (``check``)."""
@@ -194,10 +206,12 @@ class AutoSchedule:
         At the end of the trials (``fresh`` None): measured where it was tried. An untried split is predicted by
         the model from the tried schedule of the same round (plain or int8): its C, M and M8 (on a shared core C
         depends on the round's own CPU), scaled by that schedule's measured step over its modelled one (the
-        overheads the model leaves out); an untried round (int8 below ``INT8_POINTLESS``) likewise from 0.75's
-        figures (or ZeRO-1's), with M8 = M. Later (``fresh``: the schedule that runs now, at today's M / C): the
-        model from today's C and M, the int8 round scaled with M since it was measured (the link moved, the bytes did
-        not), every prediction scaled by the running schedule's measured step over its modelled one.
+        overheads the model leaves out); an untried round likewise from the other round's trial: int8 (below
+        ``INT8_POINTLESS``) from 0.75's figures with M8 = M, plain (above ``PLAIN_EXPOSED``) from 0.75+int8's C and
+        M (its C holds the quantizer's CPU: on a shared core that leans towards int8), or both from ZeRO-1's.
+        Later (``fresh``: the schedule that runs now, at today's M / C): the model from today's C and M, the int8
+        round scaled with M since it was measured (the link moved, the bytes did not), every prediction scaled by
+        the running schedule's measured step over its modelled one.
         """
         def figures(m: dict[str, Any] | Measured | None) -> tuple[float, float, float] | None:
             if m is None:
@@ -220,7 +234,8 @@ class AutoSchedule:
 
             calibrated(Schedule(0.75), (Schedule(0.5),))
             calibrated(Schedule(0.75, "int8"), (Schedule(0.5, "int8"),))
-            calibrated(Schedule(0.75) if "0.75" in self.measured else SYNC, (SYNC, *PREFERENCE))
+            fallback = next((s for s in (Schedule(0.75), Schedule(0.75, "int8")) if s.name in self.measured), SYNC)
+            calibrated(fallback, (SYNC, *PREFERENCE))
             return out
         c, m = fresh.compute_s, fresh.commit_round_s
         int8 = self.measured.get("0.75+int8") or self.measured.get("0.5+int8")
@@ -255,7 +270,7 @@ class AutoSchedule:
         if self.current == SYNC and measured is not None:  # ZeRO-1's step measured C and M: skip hopeless trials
             ratio = measured.commit_round_s / max(measured.compute_s, 1e-9)
             self.trials = tuple(t for t in self.trials if not (
-                (t.compression == "none" and t != SYNC and ratio > PLAIN_HOPELESS)
+                (t.compression == "none" and t != SYNC and ratio > PLAIN_EXPOSED)
                 or (t.compression == "int8" and ratio < INT8_POINTLESS)))
         index = self.trials.index(self.current) if self.current in self.trials else len(self.trials) - 1
         if index + 1 < len(self.trials):
@@ -357,7 +372,8 @@ class ScheduleSwitching:
         auto.boundary()
         decided = len(auto.decisions)
         if auto.trial_over():
-            self._drain_commit()  # the trial's last step is measured too
+            if not auto.final_trial:
+                self._drain_commit()  # the next trial restarts the pipeline anyway: measure this one's last step
             chosen = auto.end_trial(self._step, self._agreed(auto.local_summary()))
         elif auto.check_due(self._step):
             chosen = auto.check(self._step, self._agreed(auto.local_summary()))

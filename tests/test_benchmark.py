@@ -50,7 +50,7 @@ def test_smoke_benchmark_writes_documented_schema(tmp_path: Path) -> None:
     assert {r["case"] for r in homogeneous} == {"zero1", "acco", "acco_int8", "dpu", "acco_adaptive", "acco_auto"}, \
         [r["case"] for r in runs]
     auto = next(r for r in homogeneous if r["case"] == "acco_auto")
-    assert auto["auto_decisions"] and auto["auto_decisions"][0]["step"] in (6, 9), auto["auto_decisions"]
+    assert auto["auto_decisions"] and auto["auto_decisions"][0]["step"] in (7, 10), auto["auto_decisions"]
     assert auto["auto_schedule"] in ("sync", "0.75", "0.75+int8", "0.5", "0.5+int8")
     for row in runs:
         missing = [k for k in RUN_FIELDS if k not in row]

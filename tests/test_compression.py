@@ -65,6 +65,12 @@ SCRIPT = {2: "0.75+int8", 5: "0.75", 8: "0.5+int8", 10: "sync", 12: "0.75+int8",
 SCRIPTED_STEPS = 18
 JOBS["auto_scripted"] = (base_config(GA, LR, auto_schedule=True, acco={"enabled": True, "compression_block_size": 16}),
                          SCRIPTED_STEPS, SEED, {"script_schedule": SCRIPT})
+# The automatic schedule on a link it measures at M/C 0.5 (synthetic medians: step, C, M, M_est): ZeRO-1's trial, then
+# only 0.75+int8 (plain 0.75 exposes its estimate round past M/C 0.25), which the decision keeps at step 7.
+KEPT_LINK = {"sync": [1.5, 1.0, 0.5, float("nan")], "0.75+int8": [1.0, 1.0, 0.5, 0.1]}
+KEPT_STEPS = 12
+JOBS["auto_kept"] = (base_config(GA, LR, auto_schedule=True, acco={"enabled": True, "compression_block_size": 16}),
+                     KEPT_STEPS, SEED, {"synthetic_link": KEPT_LINK})
 WORLD3 = {"int8": (base_config(GA, LR, **_int8(16)), 4, SEED, {"watch_compression": True})}
 NODE_AWARE = {"int8": (base_config(GA, LR, **_int8(16)), 4, SEED, {"watch_compression": True}),
               "int8_clip": (base_config(GA, LR, gradient_clipping=0.05, **_int8(16)), 3, SEED)}
@@ -197,6 +203,25 @@ def test_schedule_switches_match_reference(runs: dict[str, list[Any]]) -> None:
     diff = _max_diff(result[0]["params"], reference)
     print(f"PARITY scripted schedule switches {schedules} vs reference: max |diff| = {diff:.3e}")
     assert diff < TOL and _identical(result)
+
+
+def test_decision_that_keeps_the_last_trial_waits_for_nothing(runs: dict[str, list[Any]]) -> None:
+    """The trials' end: the last trial runs a step more and a decision that keeps its schedule does not restart the
+    pipeline (the reference replays one restart, at the switch from ZeRO-1's step to the trial, and matches)."""
+    result = job_result(runs, "auto_kept")
+    schedules = [m["schedule"] for m in result[0]["metrics"]]
+    decisions = [m["decision"] for m in result[0]["metrics"] if m.get("decision")]
+    print(f"SCHEDULES {schedules}; DECISION at step {decisions[0]['step']}: {decisions[0]['reason']}")
+    assert schedules == ["sync"] * 3 + ["0.75+int8"] * (KEPT_STEPS - 3), schedules
+    assert len(decisions) == 1 and decisions[0]["step"] == 7 and decisions[0]["schedule"] == "0.75+int8"
+    assert decisions[0]["why"] == "after trying sync, 0.75+int8"
+    reference = _reference(2, KEPT_STEPS, 16, **replay_schedules(schedules, 2, GA))
+    diff = _max_diff(result[0]["params"], reference)
+    restarted = _reference(2, KEPT_STEPS, 16, **{**replay_schedules(schedules, 2, GA), "restart_after": [2, 6]})
+    print(f"PARITY trials kept {diff:.3e}; against a reference that restarts at the decision "
+          f"{_max_diff(result[0]['params'], restarted):.3e}")
+    assert diff < TOL and _identical(result)
+    assert _max_diff(result[0]["params"], restarted) > 10 * diff
 
 
 def test_low_precision(low_precision: dict[str, list[Any]]) -> None:

@@ -31,8 +31,8 @@ ACCO_CONFIG = REPO / "ds_configs" / "acco.json"
 ZERO1_CONFIG = REPO / "ds_configs" / "zero1.json"
 MAIN_STEPS = 30
 EVAL_EVERY = 10
-# ds_configs/acco.json: 10 synchronous steps, then the automatic schedule tries 0.75 at steps 11-13 and decides
-# from step 14 on measured times; the resumed steps compared with the uninterrupted run stay before that decision.
+# ds_configs/acco.json: 10 synchronous steps, then the automatic schedule tries 0.75 from step 11 and decides at
+# step 14 at the earliest on measured times; the resumed steps compared with the uninterrupted run stay before it.
 RESUME_FROM, RESUME_TO = 10, 13
 STEP_FIELDS = ("step", "loss", "lr", "samples", "tokens", "wall_s")
 ACCO_FIELDS = ("exposed_wait_s", "commit_round_s", "micro_batches_per_rank", "bytes_communicated", "schedule")

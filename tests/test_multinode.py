@@ -400,7 +400,7 @@ def test_automatic_schedule_follows_a_slower_link(hosts: FakeHosts, tmp_path: Pa
     new decision (M/C moved) comes and the schedule changes within twice ``SWITCH_WITHIN`` steps (a decision from a
     window that still holds unshaped steps may keep it; the shaping shows in the measurements late). Every rank
     ran the same schedules, and the parameters equal the reference's for the schedule sequence the run recorded
-    (its switches, and the end of the trials, restart the pipeline)."""
+    (its switches restart the pipeline; the end of the trials only where the decision changes the schedule)."""
     hostfile = hosts.hostfile(tmp_path / "hostfile")
     out = str(tmp_path / "auto_{rank}.pt")
     cmds = [h.cmd([*_deepspeed_cli(), "--hostfile", str(hostfile), "--no_ssh", "--node_rank", str(h.index),
@@ -418,8 +418,9 @@ def test_automatic_schedule_follows_a_slower_link(hosts: FakeHosts, tmp_path: Pa
     assert len(schedules) == AUTO_STEPS and schedules == saved[1]["schedules"]
     tried = decisions[0]["why"].removeprefix("after trying ").split(", ")
     assert tried[0] == "sync" and set(tried) <= {t.name for t in TRIALS}
-    assert schedules[:TRIAL_STEPS * len(tried)] == [t for t in tried for _ in range(TRIAL_STEPS)]
-    assert decisions[0]["step"] == TRIAL_STEPS * len(tried) and decisions == saved[1]["decisions"]
+    trials = [t for t in tried for _ in range(TRIAL_STEPS)] + [tried[-1]]  # the last trial runs a step more
+    assert schedules[:len(trials)] == trials
+    assert decisions[0]["step"] == len(trials) and decisions == saved[1]["decisions"]
     after = [d for d in decisions if d["step"] > SHAPE_AT]
     assert after, "no decision after the link slowed"
     # The shaped link shows in the measurements late on the fake hosts (decisions seen at step 30 in 32-step runs).
@@ -432,7 +433,7 @@ def test_automatic_schedule_follows_a_slower_link(hosts: FakeHosts, tmp_path: Pa
                                mode="acco", num_steps=AUTO_STEPS, gradient_accumulation_steps=GA, lr=LR,
                                weight_decay=0.01, max_grad_norm=DEEPSPEED_DEFAULT_CLIP,
                                estimate_shift=DEFAULT_ESTIMATE_SHIFT, estimate_compression="int8", block=256,
-                               **replay_schedules(schedules, WORLD, GA, decisions[0]["step"]))
+                               **replay_schedules(schedules, WORLD, GA))
     diff = max(float((a - b).abs().max()) for a, b in zip(saved[0]["params"], expected.values()))
     print(f"PARITY automatic schedule vs the reference of its recorded schedules: {diff:.3e}")
     assert diff < TOL

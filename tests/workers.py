@@ -103,7 +103,7 @@ def train_worker(rank: int, world_size: int, cfg: dict[str, Any], steps: int, se
     committed step ``step`` (0-based) after its j-th micro-batch on this rank, with
     ``set_gradient_accumulation_boundary(True)`` before that backward, then gives the boundary back to DeepSpeed),
     ``watch_compression`` (see ``_watch_compression``), ``watch_commit`` (``_watch_commit_compression``),
-    ``script_schedule`` (``_script_schedule``).
+    ``script_schedule`` (``_script_schedule``), ``synthetic_link`` (``_synthetic_link``).
     """
     import deepspeed
 
@@ -136,6 +136,8 @@ def train_worker(rank: int, world_size: int, cfg: dict[str, Any], steps: int, se
         _watch_commit_compression(engine.optimizer, commit_watch)
     if opts.get("script_schedule"):
         _script_schedule(engine.optimizer, opts["script_schedule"])
+    if opts.get("synthetic_link"):
+        _synthetic_link(engine.optimizer, opts["synthetic_link"])
     num_micro = opts.get("num_micro", steps * cfg["gradient_accumulation_steps"] * 6 + 8)
     data = make_batches(seed, world_size, num_micro)[rank]
     if opts.get("repeat"):  # a few micro-batches seen again and again: a loss that can fall
@@ -206,6 +208,13 @@ def _script_schedule(optimizer: Any, script: dict[int, str]) -> None:
     auto.trial_over = lambda: False
     auto.check_due = lambda step: step in script
     auto.check = lambda step, summary: auto._switch(Schedule.from_name(script[step]), step)
+
+
+def _synthetic_link(optimizer: Any, summaries: dict[str, list[float]]) -> None:
+    """The automatic schedule measures ``summaries`` ({schedule name: ``SUMMARY`` medians}) for whatever schedule
+    runs: its trials, the end of the last one and its decision take their real path, whatever the timings."""
+    auto = optimizer._auto
+    auto.local_summary = lambda: list(summaries[auto.current.name])
 
 
 def _busy(seconds: float) -> None:
@@ -403,12 +412,10 @@ def train_tiny_lm(rank: int, world_size: int, config: dict[str, Any], steps: int
     return engine, model, corpus, args, i
 
 
-def replay_schedules(schedules: list[str], world: int, ga: int, trials_end: int | None = None) -> dict[str, Any]:
+def replay_schedules(schedules: list[str], world: int, ga: int) -> dict[str, Any]:
     """The reference's arguments (``step_rounds``, ``compressed_steps``, ``restart_after``) for the schedule each
     committed step ran (``StepMetrics.schedule``: ``sync``, ``0.75``, ``0.5+int8``...): a switch restarts the
-    pipeline after the step before it, a sync step is one round of ``ga`` micro-batches. ``trials_end``: the step
-    (1-based) of the automatic schedule's first decision, after which the pipeline restarted even where the decision
-    kept the last trial's schedule (its commit is waited for, to measure that step)."""
+    pipeline after the step before it, a sync step is one round of ``ga`` micro-batches."""
     from deepspeed_acco.split import split_micro_batches
 
     rounds: list[list[list[int]]] = []
@@ -421,4 +428,4 @@ def replay_schedules(schedules: list[str], world: int, ga: int, trials_end: int 
     return {"step_rounds": rounds,
             "compressed_steps": [t for t, name in enumerate(schedules) if name.endswith("+int8")],
             "restart_after": [t for t in range(len(schedules) - 1)
-                              if schedules[t] != schedules[t + 1] or t + 1 == trials_end]}
+                              if schedules[t] != schedules[t + 1]]}
