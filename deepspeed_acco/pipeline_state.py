@@ -54,7 +54,7 @@ from deepspeed.utils import logger
 
 from deepspeed_acco.metrics import StepMetrics
 from deepspeed_acco.pipeline import AccoRoundError, RoundHandle, RoundKind, RoundResult, RoundSpec, rank_partition
-from deepspeed_acco.schedule import Schedule
+from deepspeed_acco.schedule import Agreement, Schedule
 
 if TYPE_CHECKING:
     from deepspeed_acco.optimizer import AccoZeroOptimizer
@@ -128,6 +128,7 @@ def save_pipeline_state(opt: AccoZeroOptimizer) -> dict[str, Any]:
         "engine_micro_steps": opt._engine_micro_steps,
         "schedule": opt._schedule.name if opt._schedule is not None else None,
         "auto": opt._auto.state_dict() if opt._auto is not None else None,
+        "auto_agreement": opt._agreement.values() if opt._agreement is not None else None,
     }
 
 
@@ -175,9 +176,13 @@ def restore_pipeline_state(opt: AccoZeroOptimizer, acco: dict[str, Any] | None) 
     When the state is missing or ``incompatibility`` finds a reason (logged when there was a state),
     the pipeline restarts from the loaded (committed) parameters and ``opt.loaded_acco_state`` stays False.
     """
+    opt._agreement = None
     if acco is not None and acco.get("auto") is not None and opt._auto is not None:
-        # The automatic schedule resumes its decision, and the pipeline the schedule that ran.
+        # The automatic schedule resumes its decision (and a check's averaged figures, read at the next boundary),
+        # and the pipeline the schedule that ran.
         opt._auto.load_state_dict(acco["auto"])
+        if acco.get("auto_agreement"):
+            opt._agreement = Agreement.finished(acco["auto_agreement"])
         if acco.get("schedule"):
             opt._apply_schedule(Schedule.from_name(acco["schedule"]))
     reason = incompatibility(opt, acco)
