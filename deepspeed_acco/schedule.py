@@ -143,10 +143,11 @@ class AutoSchedule:
     """The automatic choice over a run: trials, the decision, re-decisions when M / C moves.
 
     The optimizer calls ``boundary`` at every commit boundary (a committed step launched), ``observe`` when a
-    step's figures are complete (its commit round finished), and at the boundaries ``trial_over`` or
-    ``check_due`` names, ``end_trial`` or ``check`` with ``local_summary`` averaged over the ranks: the schedules
-    then agree on every rank, whatever each measured. ``current`` is what the next step runs. The state
-    round-trips through ``state_dict`` / ``load_state_dict`` so that a checkpoint resumes the decision.
+    step's figures are complete (its commit round finished), ``end_trial`` at a boundary ``trial_over`` names and
+    ``check`` at the boundary after one ``check_due`` names, each with the ``local_summary`` of the boundary that
+    named it, averaged over the ranks: the schedules then agree on every rank, whatever each measured.
+    ``current`` is what the next step runs. The state round-trips through ``state_dict`` / ``load_state_dict`` so
+    that a checkpoint resumes the decision.
     """
 
     trials: tuple[Schedule, ...] = TRIALS
