@@ -215,13 +215,14 @@ def test_decision_that_keeps_the_last_trial_waits_for_nothing(runs: dict[str, li
     assert schedules == ["sync"] * 3 + ["0.75+int8"] * (KEPT_STEPS - 3), schedules
     assert len(decisions) == 1 and decisions[0]["step"] == 7 and decisions[0]["schedule"] == "0.75+int8"
     assert decisions[0]["why"] == "after trying sync, 0.75+int8"
-    reference = _reference(2, KEPT_STEPS, 16, **replay_schedules(schedules, 2, GA))
-    diff = _max_diff(result[0]["params"], reference)
-    restarted = _reference(2, KEPT_STEPS, 16, **{**replay_schedules(schedules, 2, GA), "restart_after": [2, 6]})
-    print(f"PARITY trials kept {diff:.3e}; against a reference that restarts at the decision "
-          f"{_max_diff(result[0]['params'], restarted):.3e}")
+    replay = replay_schedules(schedules, 2, GA)
+    diff = _max_diff(result[0]["params"], _reference(2, KEPT_STEPS, 16, **replay))
+    # The negative control: a reference that also restarts at the decision (after step 7) must differ.
+    restarted = _reference(2, KEPT_STEPS, 16, **{**replay, "restart_after": [2, 6]})
+    diff_restarted = _max_diff(result[0]["params"], restarted)
+    print(f"PARITY trials kept {diff:.3e}; against a reference that restarts at the decision {diff_restarted:.3e}")
     assert diff < TOL and _identical(result)
-    assert _max_diff(result[0]["params"], restarted) > 10 * diff
+    assert diff_restarted > 10 * diff
 
 
 def test_low_precision(low_precision: dict[str, list[Any]]) -> None:

@@ -427,5 +427,4 @@ def replay_schedules(schedules: list[str], world: int, ga: int) -> dict[str, Any
             rounds.append([[estimate] * world, [commit] * world])
     return {"step_rounds": rounds,
             "compressed_steps": [t for t, name in enumerate(schedules) if name.endswith("+int8")],
-            "restart_after": [t for t in range(len(schedules) - 1)
-                              if schedules[t] != schedules[t + 1]]}
+            "restart_after": [t for t in range(len(schedules) - 1) if schedules[t] != schedules[t + 1]]}
