@@ -33,6 +33,7 @@ from tests.workers import (
     loss_fn,
     make_batches,
     make_model,
+    synthetic_link,
 )
 
 WORLD, GA, LR, SEED = 2, 4, 1e-2, 0
@@ -57,6 +58,17 @@ FP16_INF_AT = 12  # the last micro-batch of step 3: its commit round overflows a
 # 1 micro-batch into the commit half.
 MID_POINTS = {13: "mid13", 14: "mid14", 15: "mid15"}
 BOUNDARY = SAVE_STEP * GA  # 12: right after the commit boundary of step 3
+# The automatic schedule on a synthetic link (medians: step, C, M, M_est): M/C 0.5, so ZeRO-1's trial (steps 1-3),
+# then 0.75+int8 (from step 4), kept by the decision at step 7; from step 10 on the link measures M/C 0.05: the check
+# started at the boundary of step 10 is read at the next one and switches to 0.75 from step 12.
+AUTO_CFG = base_config(GA, LR, auto_schedule=True, acco={"enabled": True, "compression_block_size": 16})
+AUTO_STEPS = 14
+AUTO_LINK = ({"sync": [1.5, 1.0, 0.5, float("nan")], "0.75+int8": [1.0, 1.0, 0.5, 0.1]},
+             (10, {"0.75+int8": [1.0, 1.0, 0.05, 0.01], "0.75": [1.0, 1.0, 0.05, 0.05]}))
+AUTO_SCHEDULES = ["sync"] * 3 + ["0.75+int8"] * 8 + ["0.75"] * 3
+# Saved inside the int8 trial (after step 5) and while the check's all-reduce is in flight (after step 10).
+AUTO_SAVES = {5 * GA: "auto_step5", 10 * GA: "auto_step10"}
+AUTO_NUM_MICRO = AUTO_STEPS * GA + 8
 
 
 # ---------------------------------------------------------------------------------------------- ranks
@@ -135,6 +147,8 @@ def ckpt_worker(rank: int, world_size: int, job: dict[str, Any]) -> dict[str, An
     module = WithLoss(model)
     init = deepspeed.initialize if job.get("plain") else deepspeed_acco.initialize
     engine, _, _, _ = init(model=module, model_parameters=module.parameters(), config=job["cfg"])
+    if job.get("synthetic_link"):
+        synthetic_link(engine.optimizer, *job["synthetic_link"])
     out: dict[str, Any] = {"engine": type(engine).__name__, "saved": {}}
     i = 0
     if job.get("load"):
@@ -146,7 +160,7 @@ def ckpt_worker(rank: int, world_size: int, job: dict[str, Any]) -> dict[str, An
                              "micro_steps": engine.micro_steps, "state": _opt_state(engine),
                              "params": _committed(engine, model),
                              "warnings": [w for w in warnings if w.startswith("ACCO load")]}
-    data = make_batches(SEED, world_size, NUM_MICRO)[rank]
+    data = make_batches(SEED, world_size, job.get("num_micro", NUM_MICRO))[rank]
     saves: dict[int, tuple[str, str]] = job.get("saves", {})
     losses = []
     while engine.global_steps < job["steps"]:
@@ -173,8 +187,11 @@ def ckpt_worker(rank: int, world_size: int, job: dict[str, Any]) -> dict[str, An
                                  "state": _opt_state(engine), "committed": _committed(engine, model),
                                  "closed_metric_steps": closed}
     deepspeed_acco.flush(engine)
+    metrics = deepspeed_acco.pop_metrics(engine)
     out.update(params=_params(model), global_steps=engine.global_steps, micro_steps=engine.micro_steps,
-               losses=losses, metric_steps=[m.step for m in deepspeed_acco.pop_metrics(engine)],
+               losses=losses, metric_steps=[m.step for m in metrics],
+               schedules={m.step: m.schedule for m in metrics},
+               decisions={m.step: m.decision["schedule"] for m in metrics if m.decision},
                micro_batches=i, loss_scale=float(getattr(engine.optimizer, "loss_scale", 1.0)))
     engine.destroy()
     return out
@@ -247,8 +264,12 @@ def saved(ckpt_root: Path) -> dict[str, list[dict[str, Any]]]:
                         "saves": {GA: (str(ckpt_root / "probe_plain"), "t1")}},
         "probe_acco": {"cfg": ACCO_CFG, "steps": 1, "probe_tag": "t1",
                        "saves": {GA: (str(ckpt_root / "probe_acco"), "t1")}},
+        "auto": {"cfg": AUTO_CFG, "steps": AUTO_STEPS, "num_micro": AUTO_NUM_MICRO, "synthetic_link": AUTO_LINK},
+        "auto_saving": {"cfg": AUTO_CFG, "steps": AUTO_STEPS, "num_micro": AUTO_NUM_MICRO,
+                        "synthetic_link": AUTO_LINK,
+                        "saves": {n: (str(ckpt_root / "auto"), tag) for n, tag in AUTO_SAVES.items()}},
     }
-    return _spawn(jobs)
+    return _spawn(jobs, timeout_s=240)
 
 
 @pytest.fixture(scope="module")
@@ -296,8 +317,10 @@ def resumed(saved: Any, crashed: Any, ckpt_root: Path) -> dict[str, list[dict[st
         "split_mismatch": {"cfg": PAPER_CFG, "steps": STEPS, "load": (acco_dir, "mid15")},
         "module_only": {"cfg": ACCO_CFG, "steps": 2, "load": (acco_dir, "mid15"),
                         "load_kwargs": {"load_module_only": True}},
+        **{tag: {"cfg": AUTO_CFG, "steps": AUTO_STEPS, "num_micro": AUTO_NUM_MICRO, "synthetic_link": AUTO_LINK,
+                 "load": (str(ckpt_root / "auto"), tag)} for tag in AUTO_SAVES.values()},
     }
-    return _spawn(jobs)
+    return _spawn(jobs, timeout_s=240)
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -400,6 +423,26 @@ def test_resume_in_new_processes_is_exact(saved: dict[str, Any], resumed: dict[s
               f"{run['metric_steps']}")
         assert at_save["closed_metric_steps"] + run["metric_steps"] == list(range(1, STEPS + 1))
         assert run["losses"] == ref["losses"][run["after_load"]["data_position"]:]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("tag", list(AUTO_SAVES.values()))
+def test_automatic_schedule_resumes_its_decision(saved: dict[str, Any], resumed: dict[str, Any], tag: str) -> None:
+    """The automatic schedule saved inside a trial, and while a check's all-reduce is in flight, resumes in new
+    processes as the uninterrupted run: the same schedules and decisions (the in-flight check's figures are in the
+    checkpoint: without them the resumed run would check again only at step 15 and keep 0.75+int8), bit for bit."""
+    for rank in range(WORLD):
+        ref, saving, run = (job_result(runs, job)[rank] for runs, job in
+                            ((saved, "auto"), (saved, "auto_saving"), (resumed, tag)))
+        print(f"RESUME {tag} rank {rank}: schedules after the load {list(run['schedules'].values())}, decisions "
+              f"{run['decisions']} (uninterrupted: {ref['decisions']}); final params max |diff| = "
+              f"{_max_diff(run['params'], ref['params']):.3e}")
+        assert list(ref["schedules"].values()) == AUTO_SCHEDULES and ref["decisions"] == {8: "0.75+int8", 12: "0.75"}
+        assert saving["schedules"] == ref["schedules"] and saving["decisions"] == ref["decisions"]
+        assert run["schedules"] == {s: ref["schedules"][s] for s in run["schedules"]}
+        assert run["decisions"] == {s: d for s, d in ref["decisions"].items() if s in run["schedules"]}
+        assert 12 in run["decisions"] and run["global_steps"] == AUTO_STEPS
+        assert _bitwise(run["params"], ref["params"]) and _bitwise(saving["params"], ref["params"])
 
 
 def _nbytes(value: Any) -> int:

@@ -103,7 +103,7 @@ def train_worker(rank: int, world_size: int, cfg: dict[str, Any], steps: int, se
     committed step ``step`` (0-based) after its j-th micro-batch on this rank, with
     ``set_gradient_accumulation_boundary(True)`` before that backward, then gives the boundary back to DeepSpeed),
     ``watch_compression`` (see ``_watch_compression``), ``watch_commit`` (``_watch_commit_compression``),
-    ``script_schedule`` (``_script_schedule``), ``synthetic_link`` (``_synthetic_link``).
+    ``script_schedule`` (``_script_schedule``), ``synthetic_link`` (the function of that name).
     """
     import deepspeed
 
@@ -137,7 +137,7 @@ def train_worker(rank: int, world_size: int, cfg: dict[str, Any], steps: int, se
     if opts.get("script_schedule"):
         _script_schedule(engine.optimizer, opts["script_schedule"])
     if opts.get("synthetic_link"):
-        _synthetic_link(engine.optimizer, opts["synthetic_link"])
+        synthetic_link(engine.optimizer, opts["synthetic_link"])
     num_micro = opts.get("num_micro", steps * cfg["gradient_accumulation_steps"] * 6 + 8)
     data = make_batches(seed, world_size, num_micro)[rank]
     if opts.get("repeat"):  # a few micro-batches seen again and again: a loss that can fall
@@ -210,11 +210,18 @@ def _script_schedule(optimizer: Any, script: dict[int, str]) -> None:
     auto.check = lambda step, summary: auto._switch(Schedule.from_name(script[step]), step)
 
 
-def _synthetic_link(optimizer: Any, summaries: dict[str, list[float]]) -> None:
+def synthetic_link(optimizer: Any, summaries: dict[str, list[float]],
+                   later: tuple[int, dict[str, list[float]]] | None = None) -> None:
     """The automatic schedule measures ``summaries`` ({schedule name: ``SUMMARY`` medians}) for whatever schedule
-    runs: its trials, the end of the last one and its decision take their real path, whatever the timings."""
+    runs: its trials, the end of the last one, its decision and its checks take their real path, whatever the
+    timings. ``later`` (step, summaries): from the boundary of that committed step on, those summaries instead."""
     auto = optimizer._auto
-    auto.local_summary = lambda: list(summaries[auto.current.name])
+
+    def local_summary() -> list[float]:
+        table = {**summaries, **later[1]} if later is not None and optimizer._step >= later[0] else summaries
+        return list(table[auto.current.name])
+
+    auto.local_summary = local_summary
 
 
 def _busy(seconds: float) -> None:
