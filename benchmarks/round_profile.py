@@ -10,8 +10,8 @@ a few optimizer steps each after a warm-up. For every method it reports, per opt
 - ACCO's extra memory by buffer: the storage of every tensor ACCO keeps beyond ZeRO-1 (the two flat
   accumulation buffers, the shadow parameters, the round's reduced shards, one of which is the estimate's
   carried into the commit, the fused estimate's scratch copies of the shard, its gradient and both moments,
-  and with int8 the payload buffers), read from the tensors, against the formula ``2 P a + P b + 24 P / N``
-  for plain ACCO (a = accumulation dtype bytes, b = parameter dtype bytes).
+  and with int8 the payload and send buffers), read from the tensors, against the formula ``2 P a + P b + 24 P / N``
+  for plain ACCO, plus 2 P (1 + 4 / block) with int8 (a = accumulation dtype bytes, b = parameter dtype bytes).
 
 The worker's phases are also ``torch.profiler.record_function`` ranges (``deepspeed_acco::pipeline::*``),
 for a trace taken inside a training script; a profiler started on the training thread does not record
@@ -120,10 +120,12 @@ def profile_rank(rank: int, world: int, methods: list[str], steps: int, warmup: 
             result["acco_buffers_bytes"] = {
                 "accumulation buffers (2 x P x a)": nbytes([t for pair in optimizer._buffers for t in pair]),
                 "shadow parameters (P x b)": nbytes(optimizer._shadows),
-                "round buffers (reduced shards 2 x 4P/N; int8: payloads)": nbytes(list(sharded._buffers.values())),
+                "round buffers (reduced shards 2 x 4P/N; int8: payload and send buffers 2 x P (1 + 4/block))":
+                    nbytes(list(sharded._buffers.values())),
                 "fused estimate's scratch (4 x 4P/N)": nbytes([t for group in fused for t in group]),
             }
-            result["acco_buffers_formula_bytes"] = 2 * p_total * acc + p_total * b + 24 * p_total // world
+            int8 = 2 * p_total * (1 + 4 / sharded.block) if sharded.quantizer is not None else 0  # one node: flat
+            result["acco_buffers_formula_bytes"] = 2 * p_total * acc + p_total * b + 24 * p_total // world + int8
         out.setdefault(method, []).append(result)
         engine.destroy()
         dist.barrier()

@@ -410,6 +410,15 @@ class ShardedRound:
             sums.append(summed)
         return sums
 
+    def _send_buffers(self, index: int, rows: int, flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The int8 values and scales a compressed reduce-scatter sends (``rows`` chunks of group ``index``), kept
+        between rounds: fresh ones each round were paged in again now and then, 22 ms of the worker's CPU instead
+        of 5 on ``dense`` (docs/performance.md, "Where a round's CPU goes")."""
+        chunk = flat.numel() // self.world_size
+        return (self._buffer("send_q", index, (rows, chunk), torch.int8, flat.device),
+                self._buffer("send_scales", index, (rows, scales_per_row(chunk, self.block)), torch.float32,
+                             flat.device))
+
     def _exchange(self, index: int, q: torch.Tensor, scales: torch.Tensor, group: Any,
                   peers: int) -> tuple[torch.Tensor, torch.Tensor]:
         """All-to-all among ``peers`` ranks of ``group``: row ``j`` of ``q`` (int8) and of its scales to peer ``j``;
@@ -447,7 +456,8 @@ class ShardedRound:
         sums = []
         for i, flat in enumerate(spec.grads):
             if layout is None:
-                q, scales = self.quantizer.quantize_residual_(flat.view(self.world_size, -1))
+                q, scales = self.quantizer.quantize_residual_(flat.view(self.world_size, -1),
+                                                              *self._send_buffers(i, self.world_size, flat))
                 recv_q, recv_s = self._exchange(i, q, scales, self.group, self.world_size)
             else:
                 nodes, per_node = layout.nodes, layout.per_node
@@ -457,11 +467,13 @@ class ShardedRound:
                 send = blocks if blocks.dtype == torch.float32 else blocks.float()
                 for n in range(nodes):  # the round owns the buffer: it may be overwritten (it is zeroed below)
                     self._reduce_scatter(node_sum[n], send[n], layout.intra_group, per_node, layout.local)
-                q, scales = self.quantizer.quantize_residual_(node_sum)
+                q, scales = self.quantizer.quantize_residual_(node_sum, *self._send_buffers(i, nodes, flat))
                 recv_q, recv_s = self._exchange(i, q, scales, layout.inter_group, nodes)
                 flat.zero_()
                 flat.view(nodes, per_node, chunk)[:, layout.local].copy_(node_sum)
-            summed = self.quantizer.dequantize_sum(recv_q, recv_s)
+            # Into the buffer the plain round reduces into (same kind, group, size and dtype): kept between rounds.
+            summed = self.quantizer.dequantize_sum(recv_q, recv_s, self._buffer(
+                spec.kind.value, i, (recv_q.shape[-1],), torch.float32, recv_q.device))
             if spec.loss_scale != 1.0:
                 summed.mul_(1.0 / spec.loss_scale)
             if commit and self._carried is not None:

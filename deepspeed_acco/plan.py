@@ -228,9 +228,10 @@ def memory_per_rank(method: str, params: float, world_size: int, param_bytes: in
     - ACCO: parameters P b, two accumulation buffers 2 P a, the shadow parameters the rounds all-gather into P b,
       the optimizer shard 12 P / N, the rounds' reduced gradient shards 2 x 4 P / N (the estimate's is carried
       into the commit) and the fused estimate's scratch copies of the shard, its gradient and both moments
-      4 x 4 P / N; the int8 estimate adds its payload buffer, P (1 + 4 / block), and the compressed commit also
-      its residual, P a; DPU has one reduced shard and no estimate. ``benchmarks/round_profile.py`` checks this
-      against the tensors' storages.
+      4 x 4 P / N; the int8 estimate adds its payload buffer, P (1 + 4 / block), and the int8 values and scales
+      it sends, as much again (P / g of it on nodes of g ranks: this counts one rank per node), and the compressed
+      commit also its residual, P a; DPU has one reduced shard and no estimate. ``benchmarks/round_profile.py``
+      checks this against the tensors' storages.
     """
     p, n, b, a = float(params), float(world_size), float(param_bytes), float(accum_bytes)
     parts = {"parameters": p * b, "optimizer shard": 12 * p / n}
@@ -245,6 +246,7 @@ def memory_per_rank(method: str, params: float, world_size: int, param_bytes: in
         parts["fused estimate scratch"] = 16 * p / n
     if method in ("acco_int8", "acco_int8_commit"):
         parts["int8 payload"] = p * (1 + 4 / block)
+        parts["int8 send buffers"] = p * (1 + 4 / block)
     if method == "acco_int8_commit":
         parts["commit residual"] = p * a
     return parts

@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["QMAX", "BLOCK_SIZES", "Quantizer", "apply_update_", "check_block_size", "quantize_rows",
-           "quantize_rows_residual_", "quantize_update", "dequantize_rows", "dequantize_sum", "rebuild_",
-           "scales_per_row"]
+           "quantize_rows_residual_", "quantize_residual_into_", "quantize_update", "dequantize_rows",
+           "dequantize_sum", "dequantize_sum_", "rebuild_", "scales_per_row"]
 
 QMAX = 127.0
 BLOCK_SIZES = tuple(1 << k for k in range(4, 17))
@@ -93,6 +93,13 @@ def quantize_rows_residual_(x: torch.Tensor, block: int) -> tuple[torch.Tensor, 
     return q, scales
 
 
+def quantize_residual_into_(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, block: int) -> None:
+    """``quantize_rows_residual_(x)`` with its int8 values and scales written into ``q`` and ``scales``."""
+    values, per_block = quantize_rows_residual_(x, block)
+    q.copy_(values)
+    scales.copy_(per_block)
+
+
 def quantize_update(new: torch.Tensor, old: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize_rows`` of ``new - old`` as one row: the estimate's update of a master shard."""
     return quantize_rows((new - old).reshape(1, -1), block)
@@ -101,6 +108,11 @@ def quantize_update(new: torch.Tensor, old: torch.Tensor, block: int) -> tuple[t
 def dequantize_sum(q: torch.Tensor, scales: torch.Tensor, block: int) -> torch.Tensor:
     """The fp32 sum over the rows of ``deQ(q)`` (``[rows, n]`` -> ``[n]``): an owner adding the chunks it received."""
     return dequantize_rows(q, scales, block).sum(dim=0)
+
+
+def dequantize_sum_(out: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, block: int) -> None:
+    """``out = dequantize_sum(q, scales, block)``: the sum written into a buffer the caller keeps."""
+    out.copy_(dequantize_sum(q, scales, block))
 
 
 def rebuild_(out: torch.Tensor, base: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, block: int) -> None:
@@ -117,8 +129,8 @@ def apply_update_(out: torch.Tensor, q: torch.Tensor, scales: torch.Tensor, bloc
 
 
 _KERNELS: dict[str, Callable[..., Any]] = {
-    "quantize_residual": quantize_rows_residual_, "quantize_update": quantize_update,
-    "dequantize_sum": dequantize_sum, "rebuild": rebuild_, "apply_update": apply_update_}
+    "quantize_residual": quantize_residual_into_, "quantize_update": quantize_update,
+    "dequantize_sum": dequantize_sum_, "rebuild": rebuild_, "apply_update": apply_update_}
 
 
 def _signature(args: Sequence[Any]) -> tuple[Any, ...]:
@@ -212,17 +224,24 @@ class Quantizer:
     def _eager(self) -> bool:
         return not self._preparing and not self._compiled
 
-    def quantize_residual_(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``quantize_rows_residual_(x, block)`` of ``x`` (``[rows, n]``): ``x`` becomes the residual."""
+    def quantize_residual_(self, x: torch.Tensor, q: torch.Tensor | None = None,
+                           scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``quantize_rows_residual_(x, block)`` of ``x`` (``[rows, n]``): ``x`` becomes the residual. The int8
+        values and scales go into ``q`` (int8 ``[rows, n]``) and ``scales`` (fp32 ``[rows, blocks]``) when given:
+        buffers a round keeps, as ``dequantize_sum``'s ``out``."""
         n = x.shape[-1]
+        q = torch.empty(x.shape, dtype=torch.int8, device=x.device) if q is None else q
+        scales = torch.empty(x.shape[0], scales_per_row(n, self.block), device=x.device) if scales is None else scales
         whole = self._whole(n)
         if whole == n or self._eager():
-            return self._call("quantize_residual", x) if whole else quantize_rows_residual_(x, self.block)
-        q = torch.empty(x.shape, dtype=torch.int8, device=x.device)
-        scales = torch.empty(x.shape[0], scales_per_row(n, self.block), device=x.device)
+            if whole:
+                self._call("quantize_residual", x, q, scales)
+            else:
+                quantize_residual_into_(x, q, scales, self.block)
+            return q, scales
         if whole:
-            q[:, :whole], scales[:, :-1] = self._call("quantize_residual", x[:, :whole])
-        q[:, whole:], scales[:, -1:] = quantize_rows_residual_(x[:, whole:], self.block)
+            self._call("quantize_residual", x[:, :whole], q[:, :whole], scales[:, :-1])
+        quantize_residual_into_(x[:, whole:], q[:, whole:], scales[:, -1:], self.block)
         return q, scales
 
     def quantize_update(self, new: torch.Tensor, old: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,16 +257,23 @@ class Quantizer:
         q[:, whole:], scales[:, -1:] = quantize_update(new[whole:], old[whole:], self.block)
         return q, scales
 
-    def dequantize_sum(self, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        """``dequantize_sum(q, scales, block)``: the fp32 sum over the rows of ``deQ(q)``."""
+    def dequantize_sum(self, q: torch.Tensor, scales: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``dequantize_sum(q, scales, block)``: the fp32 sum over the rows of ``deQ(q)``, written into ``out`` (fp32
+        ``[n]``) when given. A round passes a buffer it keeps: a fresh one of 4 n bytes each round was now and then
+        paged in again by the kernel, 17-37 ms of the worker's CPU in one round of five on ``dense`` instead of
+        1 ms (docs/performance.md, "Where a round's CPU goes")."""
         n = q.shape[-1]
+        out = torch.empty(n, device=q.device) if out is None else out
         whole = self._whole(n)
         if whole == n or self._eager():
-            return self._call("dequantize_sum", q, scales) if whole else dequantize_sum(q, scales, self.block)
-        out = torch.empty(n, device=q.device)
+            if whole:
+                self._call("dequantize_sum", out, q, scales)
+            else:
+                dequantize_sum_(out, q, scales, self.block)
+            return out
         if whole:
-            out[:whole] = self._call("dequantize_sum", q[:, :whole], scales[:, :-1])
-        out[whole:] = dequantize_sum(q[:, whole:], scales[:, -1:], self.block)
+            self._call("dequantize_sum", out[:whole], q[:, :whole], scales[:, :-1])
+        dequantize_sum_(out[whole:], q[:, whole:], scales[:, -1:], self.block)
         return out
 
     def rebuild_(self, out: torch.Tensor, base: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> None:

@@ -70,6 +70,8 @@ def test_compiled_equals_eager_bitwise(rows: int, n: int, block: int) -> None:
     assert _same(quantize_update(x[0], x[-1], block)[0], quantizer.quantize_update(x[0], x[-1])[0])
     assert _same(quantize_update(x[0], x[-1], block)[1], quantizer.quantize_update(x[0], x[-1])[1])
     assert _same(dequantize_sum(q, s, block), quantizer.dequantize_sum(q, s))
+    kept = torch.full((n,), 7.0)  # a round's buffer: written in place, every value
+    assert quantizer.dequantize_sum(q, s, kept) is kept and _same(dequantize_sum(q, s, block), kept)
     base = torch.randn(rows * n)
     out_eager, out_compiled = torch.empty(rows * n), torch.empty(rows * n)
     rebuild_(out_eager.view(rows, n), base.view(rows, n), q, s, block)
