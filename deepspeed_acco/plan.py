@@ -217,7 +217,7 @@ def quantize_s(params: float, quantize_gbs: float) -> float:
 
 
 def memory_per_rank(method: str, params: float, world_size: int, param_bytes: int = 2, accum_bytes: int = 4,
-                    block: int = 256) -> dict[str, float]:
+                    block: int = 256, ranks_per_node: int = 1) -> dict[str, float]:
     """Bytes one rank keeps for a method's parameters, gradients and optimizer between micro-batches, by part
     (activations and the framework's own buffers left out). P parameters, N ranks, b bytes per parameter value,
     a per accumulated gradient value (``acco.grad_accum_dtype``):
@@ -229,9 +229,9 @@ def memory_per_rank(method: str, params: float, world_size: int, param_bytes: in
       the optimizer shard 12 P / N, the rounds' reduced gradient shards 2 x 4 P / N (the estimate's is carried
       into the commit) and the fused estimate's scratch copies of the shard, its gradient and both moments
       4 x 4 P / N; the int8 estimate adds its payload buffer, P (1 + 4 / block), and the int8 values and scales
-      it sends, as much again (P / g of it on nodes of g ranks: this counts one rank per node), and the compressed
-      commit also its residual, P a; DPU has one reduced shard and no estimate. ``benchmarks/round_profile.py``
-      checks this against the tensors' storages.
+      it sends, as much again (P / g with the node-aware round, nodes of g = ``ranks_per_node`` ranks), and the
+      compressed commit also its residual, P a; DPU has one reduced shard and no estimate.
+      ``benchmarks/round_profile.py`` checks this against the tensors' storages.
     """
     p, n, b, a = float(params), float(world_size), float(param_bytes), float(accum_bytes)
     parts = {"parameters": p * b, "optimizer shard": 12 * p / n}
@@ -246,7 +246,8 @@ def memory_per_rank(method: str, params: float, world_size: int, param_bytes: in
         parts["fused estimate scratch"] = 16 * p / n
     if method in ("acco_int8", "acco_int8_commit"):
         parts["int8 payload"] = p * (1 + 4 / block)
-        parts["int8 send buffers"] = p * (1 + 4 / block)
+        g = ranks_per_node if 1 < ranks_per_node < world_size and world_size % ranks_per_node == 0 else 1
+        parts["int8 send buffers"] = p / g * (1 + 4 / block)
     if method == "acco_int8_commit":
         parts["commit residual"] = p * a
     return parts
@@ -483,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
     memory = None
     if a.params:
         accum = 4 if a.grad_accum_dtype == "fp32" else 2
-        memory = {m: memory_per_rank(m, a.params, a.world_size, a.param_bytes, accum) for m in METHODS}
+        memory = {m: memory_per_rank(m, a.params, a.world_size, a.param_bytes, accum, ranks_per_node=a.ranks_per_node)
+                  for m in METHODS}
     print(report(timing, a.world_size, a.tokens_per_rank_per_step, header, memory, a.gpu_mem_gb))
     return 0
 

@@ -157,8 +157,8 @@ def test_docs_table_is_current() -> None:
 
 def test_memory_per_rank() -> None:
     """The formula of ``memory_per_rank``: ZeRO-1 P b + P b + 16 P / N (12 P / N with fp32 parameters); ACCO
-    P b + 2 P a + P b + 36 P / N; the int8 estimate adds 2 P (1 + 4 / block); and the plan prints it and says what
-    does not fit."""
+    P b + 2 P a + P b + 36 P / N; the int8 estimate adds (1 + 1 / g) P (1 + 4 / block) on nodes of g ranks; and the
+    plan prints it and says what does not fit."""
     from deepspeed_acco.plan import memory_per_rank
 
     p, n = 1e9, 8
@@ -169,6 +169,8 @@ def test_memory_per_rank() -> None:
     assert sum(memory_per_rank("acco", p, n, 2, 2).values()) == pytest.approx(2 * p * 2 + 2 * p * 2 + 36 * p / n)
     int8 = memory_per_rank("acco_int8", p, n, 2, 4, block=256)
     assert int8["int8 payload"] == int8["int8 send buffers"] == pytest.approx(p * (1 + 4 / 256))
+    node_aware = memory_per_rank("acco_int8", p, n, 2, 4, block=256, ranks_per_node=4)  # 2 nodes of 4: P / 4 sent
+    assert node_aware["int8 send buffers"] == pytest.approx(p / 4 * (1 + 4 / 256))
     assert sum(memory_per_rank("dpu", p, n, 2, 4).values()) == pytest.approx(2 * p * 2 + 2 * p * 4 + 16 * p / n)
 
 
