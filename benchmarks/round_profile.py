@@ -10,8 +10,9 @@ a few optimizer steps each after a warm-up. For every method it reports, per opt
 - ACCO's extra memory by buffer: the storage of every tensor ACCO keeps beyond ZeRO-1 (the two flat
   accumulation buffers, the shadow parameters, the round's reduced shards, one of which is the estimate's
   carried into the commit, the fused estimate's scratch copies of the shard, its gradient and both moments,
-  and with int8 the payload and send buffers), read from the tensors, against the formula ``2 P a + P b + 24 P / N``
-  for plain ACCO, plus 2 P (1 + 4 / block) with int8 (a = accumulation dtype bytes, b = parameter dtype bytes).
+  and with int8 the payload and send buffers), read from the tensors, against the planner's formula
+  (``deepspeed_acco.plan.memory_per_rank``: ``2 P a + P b + 24 P / N`` for plain ACCO, plus 2 P (1 + 4 / block)
+  with int8 on one node; a = accumulation dtype bytes, b = parameter dtype bytes).
 
 The worker's phases are also ``torch.profiler.record_function`` ranges (``deepspeed_acco::pipeline::*``),
 for a trace taken inside a training script; a profiler started on the training thread does not record
@@ -111,10 +112,6 @@ def profile_rank(rank: int, world: int, methods: list[str], steps: int, warmup: 
             def nbytes(tensors: list[Any]) -> int:
                 return sum(t.untyped_storage().nbytes() for t in tensors if t is not None)
 
-            flats = optimizer.bit16_groups_flat
-            p_total = sum(f.numel() for f in flats)
-            acc = optimizer._buffers[0][0].element_size()
-            b = flats[0].element_size()
             sharded = optimizer._round
             fused = sharded.fused._scratch if sharded.fused is not None and sharded.fused._scratch else []
             result["acco_buffers_bytes"] = {
@@ -124,8 +121,9 @@ def profile_rank(rank: int, world: int, methods: list[str], steps: int, warmup: 
                     nbytes(list(sharded._buffers.values())),
                 "fused estimate's scratch (4 x 4P/N)": nbytes([t for group in fused for t in group]),
             }
-            int8 = 2 * p_total * (1 + 4 / sharded.block) if sharded.quantizer is not None else 0  # one node: flat
-            result["acco_buffers_formula_bytes"] = 2 * p_total * acc + p_total * b + 24 * p_total // world + int8
+            # The planner's parts beyond the parameters and the optimizer shard: ACCO's own buffers.
+            result["acco_buffers_formula_bytes"] = sum(v for k, v in planned.items()
+                                                       if k not in ("parameters", "optimizer shard"))
         out.setdefault(method, []).append(result)
         engine.destroy()
         dist.barrier()

@@ -471,7 +471,7 @@ class ShardedRound:
                 recv_q, recv_s = self._exchange(i, q, scales, layout.inter_group, nodes)
                 flat.zero_()
                 flat.view(nodes, per_node, chunk)[:, layout.local].copy_(node_sum)
-            # Into the buffer the plain round reduces into (same kind, group, size and dtype): kept between rounds.
+            # Into the round kind's reduced-shard buffer, kept between rounds (the plain round's, with fp32 comm).
             summed = self.quantizer.dequantize_sum(recv_q, recv_s, self._buffer(
                 spec.kind.value, i, (recv_q.shape[-1],), torch.float32, recv_q.device))
             if spec.loss_scale != 1.0:

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from deepspeed_acco.split import split_micro_batches
+from deepspeed_acco.topology import node_aware
 
 __all__ = ["METHODS", "Cluster", "Timing", "Prediction", "half_step_s", "step_time_s", "timing_from_cluster",
            "int8_estimate_fraction", "quantize_s", "memory_per_rank", "predict", "recommend", "main"]
@@ -197,7 +198,7 @@ def int8_estimate_fraction(world_size: int, ranks_per_node: int, comm_bytes: int
         return 1.0
     per_value = 1.0 + 4.0 / block
     full = 2 * (w - 1) / w * comm_bytes
-    if g > 1 and w % g == 0 and w > g:
+    if node_aware(w, g):
         nodes = w // g
         int8 = 2 * (nodes - 1) / nodes * per_value
     else:
@@ -246,7 +247,7 @@ def memory_per_rank(method: str, params: float, world_size: int, param_bytes: in
         parts["fused estimate scratch"] = 16 * p / n
     if method in ("acco_int8", "acco_int8_commit"):
         parts["int8 payload"] = p * (1 + 4 / block)
-        g = ranks_per_node if 1 < ranks_per_node < world_size and world_size % ranks_per_node == 0 else 1
+        g = ranks_per_node if node_aware(world_size, ranks_per_node) else 1
         parts["int8 send buffers"] = p / g * (1 + 4 / block)
     if method == "acco_int8_commit":
         parts["commit residual"] = p * a

@@ -228,7 +228,7 @@ class Quantizer:
                            scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``quantize_rows_residual_(x, block)`` of ``x`` (``[rows, n]``): ``x`` becomes the residual. The int8
         values and scales go into ``q`` (int8 ``[rows, n]``) and ``scales`` (fp32 ``[rows, blocks]``) when given:
-        buffers a round keeps, as ``dequantize_sum``'s ``out``."""
+        buffers the round keeps (why: ``ShardedRound._send_buffers``)."""
         n = x.shape[-1]
         q = torch.empty(x.shape, dtype=torch.int8, device=x.device) if q is None else q
         scales = torch.empty(x.shape[0], scales_per_row(n, self.block), device=x.device) if scales is None else scales
@@ -259,9 +259,7 @@ class Quantizer:
 
     def dequantize_sum(self, q: torch.Tensor, scales: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``dequantize_sum(q, scales, block)``: the fp32 sum over the rows of ``deQ(q)``, written into ``out`` (fp32
-        ``[n]``) when given. A round passes a buffer it keeps: a fresh one of 4 n bytes each round was now and then
-        paged in again by the kernel, 17-37 ms of the worker's CPU in one round of five on ``dense`` instead of
-        1 ms (docs/performance.md, "Where a round's CPU goes")."""
+        ``[n]``) when given: a buffer the round keeps (why: ``ShardedRound._send_buffers``)."""
         n = q.shape[-1]
         out = torch.empty(n, device=q.device) if out is None else out
         whole = self._whole(n)

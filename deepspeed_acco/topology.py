@@ -24,7 +24,7 @@ from datetime import timedelta
 from typing import Any
 
 __all__ = ["GROUP_SETUP_TIMEOUT_S", "LOCAL_SIZE_VARIABLES", "NodeLayout", "acco_process_group", "acco_node_layout",
-           "local_size_from_env", "node_layout"]
+           "local_size_from_env", "node_aware", "node_layout"]
 
 GROUP_SETUP_TIMEOUT_S = 300.0
 """Seconds ACCO's process group may take to connect its ranks (more than a round on a loaded machine)."""
@@ -76,6 +76,12 @@ def local_size_from_env(env: dict[str, str] | None = None) -> tuple[int | None, 
     return None, ""
 
 
+def node_aware(world_size: int, ranks_per_node: int) -> bool:
+    """Whether the compressed rounds run node-aware: nodes of more than one rank, of equal size, and more than one
+    node. Otherwise they are flat (``node_layout`` says why)."""
+    return 1 < ranks_per_node < world_size and world_size % ranks_per_node == 0
+
+
 def node_layout(ranks: list[int], rank: int, agree: Callable[[int], tuple[int, int]],
                 new_group: Callable[[list[int]], Any], log: Callable[[str], None]) -> NodeLayout | None:
     """The node layout of a node-aware round over the data-parallel ``ranks`` (global ranks, ``rank`` = this one's
@@ -92,7 +98,7 @@ def node_layout(ranks: list[int], rank: int, agree: Callable[[int], tuple[int, i
             f"({', '.join(LOCAL_SIZE_VARIABLES)}) are unset or differ between ranks ({low}..{high})")
         return None
     g = low
-    if g == 1 or g >= world or world % g:
+    if not node_aware(world, g):
         why = ("one rank per node" if g == 1 else "all ranks on one node" if g >= world
                else f"nodes of unequal size ({world} ranks, {g} per node)")
         log(f"ACCO: compressed rounds are flat: {why} ({source}={g}, world size {world})")

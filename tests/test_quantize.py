@@ -67,6 +67,9 @@ def test_compiled_equals_eager_bitwise(rows: int, n: int, block: int) -> None:
     q, s = quantize_rows_residual_(x_eager, block)
     qc, sc = quantizer.quantize_residual_(x_compiled)
     assert _same(q, qc) and _same(s, sc) and _same(x_eager, x_compiled)
+    x_kept, q_kept, s_kept = x.clone(), torch.zeros_like(q), torch.full_like(s, 7.0)  # a round's send buffers
+    assert all(a is b for a, b in zip(quantizer.quantize_residual_(x_kept, q_kept, s_kept), (q_kept, s_kept)))
+    assert _same(q, q_kept) and _same(s, s_kept) and _same(x_eager, x_kept)
     assert _same(quantize_update(x[0], x[-1], block)[0], quantizer.quantize_update(x[0], x[-1])[0])
     assert _same(quantize_update(x[0], x[-1], block)[1], quantizer.quantize_update(x[0], x[-1])[1])
     assert _same(dequantize_sum(q, s, block), quantizer.dequantize_sum(q, s))
